@@ -1,0 +1,1 @@
+"""DualTrack sensorless freehand 3D ultrasound in JAX/Flax."""
