@@ -138,8 +138,8 @@ def test_shards_together_give_the_global_batches(records):
             for p in range(2)]
   for j, batch in enumerate(global_batches):
     for key, value in batch.items():
-      # Process p holds global elements p, p + 2, ...: interleave the two halves.
-      joined = np.stack([shards[0][j][key], shards[1][j][key]], axis=1).reshape(value.shape)
+      # Process p holds rows [p*b, (p+1)*b) of every global batch.
+      joined = np.concatenate([shards[0][j][key], shards[1][j][key]])
       np.testing.assert_array_equal(joined, value, err_msg=key)
 
 

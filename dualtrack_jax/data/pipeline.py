@@ -12,11 +12,10 @@ images stay uint8 (cast and /255 in the jitted step); global-encoder images are 
 | `whole_sweeps`   | fusion, local L3, evaluation | one whole sweep, batch 1                       |
 
 Multi-host contract (the trainer relies on it to make N processes equal one): every process builds
-the same global element stream, source -> shuffle -> repeat -> random_map(read + augment), then
-keeps elements shard_index::shard_count and batches them with the per-process batch size.
-random_map seeds each element's rng from the pipeline seed and the element's index before slicing,
-so the per-process batches j together are exactly the single-process global batch j (process p
-holds global elements p, p + shard_count, ...), and each process reads only its own elements
+the same element stream, source -> shuffle -> repeat -> random_map(read + augment) -> batch with the
+per-process batch size b, then keeps batches shard_index::shard_count. random_map seeds each
+element's rng from the pipeline seed and the element's index, so process p's batch j is exactly rows
+[p*b, (p+1)*b) of the single-process global batch j, and each process reads only its own elements
 (MapDataset slicing is lazy).
 """
 from collections.abc import Sequence
@@ -214,7 +213,13 @@ def _per_process_batch(batch_size: int, shard_count: int) -> int:
 def _pipeline(source: SweepSource, read: grain.transforms.RandomMap, *, seed: int, shuffle: bool,
               num_epochs: int | None, per_process_batch: int, num_workers: int, shard_index: int,
               shard_count: int) -> grain.IterDataset:
-  """source -> shuffle -> repeat -> random_map -> shard slice -> batch -> (worker processes)."""
+  """source -> shuffle -> repeat -> random_map -> batch -> shard slice -> (worker processes).
+
+  Process p takes batches p, p + n, ... of the per-process batches, so its batch j holds rows
+  [p*b, (p+1)*b) of the single-process global batch j: row for row what the trainer's global array
+  (process-ordered devices) needs for N processes to compute exactly what one does, per-row
+  randomness such as dropout included. Slicing a lazy MapDataset reads only this process's batches.
+  """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index {shard_index} outside [0, shard_count={shard_count})')
   ds = grain.MapDataset.source(source).seed(seed)
@@ -223,7 +228,7 @@ def _pipeline(source: SweepSource, read: grain.transforms.RandomMap, *, seed: in
   ds = ds.repeat(num_epochs).random_map(read)
   # Always drop an incomplete last batch: a new shape would recompile the step. Batches of one
   # (whole sweeps) lose nothing.
-  ds = ds[shard_index::shard_count].batch(per_process_batch, drop_remainder=True)
+  ds = ds.batch(per_process_batch, drop_remainder=True)[shard_index::shard_count]
   iter_ds = ds.to_iter_dataset(_READ_OPTIONS)
   if num_workers > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
