@@ -1,0 +1,223 @@
+"""Orbax checkpoints of a run: the last K training states plus the best evaluated variables.
+
+Layout under the workdir:
+  checkpoints/<step>/{state, data, config}   the last `keep` training checkpoints: the whole
+                                              train state, every process's Grain iterator state
+                                              and the config (JSON). Resume reads the newest.
+  best/<step>/{state, config, metrics}        the variables ({'variables': ...}, no optimiser
+                                              state) with the best `best_metric` so far.
+
+Why two managers: Orbax's single-manager `best_fn` keeps the top-K *by metric*, and steps saved
+without an evaluation would either be dropped or need fake metrics. A separate `best/` manager
+keeps "last K" and "best" independent, is written only when the metric improves, and holds only
+what evaluation and export need (a third of a training checkpoint with Adam).
+
+Saves are asynchronous (device-to-host copy blocks, the file writes run in the background);
+`wait_until_finished` before exit. Orbax writes into `<step>.orbax-checkpoint-tmp` and renames on
+completion, so a process killed mid-save leaves the previous checkpoints intact and the partial one
+is never read back.
+"""
+from collections.abc import Mapping
+import math
+import os
+from typing import Any
+
+from absl import logging
+import grain
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
+
+from launch import config_utils
+
+STATE, DATA, CONFIG = 'state', 'data', 'config'
+LATEST_DIR, BEST_DIR = 'checkpoints', 'best'
+
+
+def is_better(value: float, best: float | None, mode: str) -> bool:
+  """Whether `value` improves on `best` (None = nothing yet) under mode 'min' or 'max'."""
+  if mode not in ('min', 'max'):
+    raise config_utils.ConfigError(f"config.best_mode must be 'min' or 'max', got {mode!r}")
+  if not math.isfinite(value):
+    return False
+  return best is None or (value < best if mode == 'min' else value > best)
+
+
+def _item_handlers() -> dict[str, Any]:
+  # The PyTree handler (what StandardSave wraps) for 'state', so that `restore_variables` can
+  # read the 'variables' subtree alone (partial restore) without the optimiser state.
+  return {STATE: ocp.PyTreeCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
+          CONFIG: ocp.JsonCheckpointHandler()}
+
+
+def _manager(directory: str, *, max_to_keep: int | None, create: bool, best_metric=None,
+             best_mode='min') -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=create, read_only=not create,
+      best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode)
+  return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+
+
+class RunCheckpoints:
+  """Training checkpoints (`checkpoints/`) and best variables (`best/`) of one workdir."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, best_metric: str | None = None,
+               best_mode: str = 'min'):
+    is_better(0.0, None, best_mode)  # validates best_mode before anything is written
+    self.workdir = os.path.abspath(workdir)
+    self.best_metric, self.best_mode = best_metric, best_mode
+    self.latest = _manager(os.path.join(self.workdir, LATEST_DIR), max_to_keep=keep, create=True)
+    self.best = None
+    self._best_value = None
+    if best_metric:
+      self.best = _manager(os.path.join(self.workdir, BEST_DIR), max_to_keep=1, create=True,
+                           best_metric=best_metric, best_mode=best_mode)
+      step = self.best.best_step()
+      if step is not None:
+        self._best_value = float(self.best.metrics(step)[best_metric])
+
+  # Training checkpoints -------------------------------------------------------------------------
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def save(self, step: int, state, data_iterator, config: Mapping[str, Any]) -> None:
+    """Starts an async save of the train state, the data iterator position and the config."""
+    self.latest.save(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.PyTreeSave(state),
+        DATA: grain.checkpoint.CheckpointSave(data_iterator),
+        CONFIG: ocp.args.JsonSave(dict(config))}))
+
+  def restore(self, step: int, abstract_state, data_iterator):
+    """Restores the train state with the shardings of `abstract_state` and the iterator in place.
+
+    Args:
+      step: a step of `checkpoints/`.
+      abstract_state: tree of jax.ShapeDtypeStruct with `.sharding` set (the target layout, which
+        may differ from the one that was saved, e.g. another device count).
+      data_iterator: the freshly created Grain iterator; its position is set from the checkpoint.
+    """
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+    try:
+      restored = self.latest.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
+          DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+    except ValueError as e:
+      data_dir = os.path.join(self.latest.directory, str(step), DATA)
+      if 'does not exist' in str(e) and os.path.isdir(data_dir):
+        raise ValueError(
+            f'{data_dir}: no data-iterator state for process {jax.process_index()} of '
+            f'{jax.process_count()} (found {sorted(os.listdir(data_dir))}); resume with the same '
+            'number of processes') from e
+      raise
+    return restored[STATE]
+
+  def config(self, step: int) -> dict[str, Any]:
+    """The config (JSON dict) saved with a training checkpoint."""
+    return _restore_config(self.latest, step)
+
+  # Best variables -------------------------------------------------------------------------------
+
+  def best_step(self) -> int | None:
+    return self.best.best_step() if self.best is not None else None
+
+  def best_value(self) -> float | None:
+    """The best `best_metric` value saved so far (None before the first evaluation)."""
+    # Kept in memory: the metrics of an async save in progress are not on disk yet.
+    return self._best_value
+
+  def maybe_save_best(self, step: int, variables, metrics: Mapping[str, float],
+                      config: Mapping[str, Any]) -> bool:
+    """Saves the variables under best/ if metrics[best_metric] improved; returns whether it did."""
+    if self.best is None:
+      return False
+    if self.best_metric not in metrics:
+      raise KeyError(f"config.best_metric '{self.best_metric}' is not among the evaluation "
+                     f'metrics {sorted(metrics)}')
+    value = float(metrics[self.best_metric])
+    improved = is_better(value, self._best_value, self.best_mode)
+    if jax.process_count() > 1:
+      # Every process must take the same decision (the save is collective), even if their
+      # metric values differ in the last bit: process 0 decides.
+      improved = bool(multihost_utils.broadcast_one_to_all(np.int32(improved)))
+    if not improved:
+      return False
+    self._best_value = value
+    self.best.save(step, metrics={k: float(v) for k, v in metrics.items()},
+                   args=ocp.args.Composite(**{STATE: ocp.args.PyTreeSave({'variables': variables}),
+                                              CONFIG: ocp.args.JsonSave(dict(config))}))
+    logging.info('New best %s = %.6g at step %d.', self.best_metric, value, step)
+    return True
+
+  def wait_until_finished(self) -> None:
+    self.latest.wait_until_finished()
+    if self.best is not None:
+      self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    if self.best is not None:
+      self.best.close()
+
+
+def _restore_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+
+def find_checkpoint(workdir: str | None, checkpoint: str) -> tuple[str, int]:
+  """Resolves 'best' | 'latest' | a step number | a step directory to (manager dir, step).
+
+  'best' falls back to the latest training checkpoint (with a warning) when the run has no
+  evaluated checkpoint yet.
+  """
+  if os.path.isdir(checkpoint) and os.path.basename(os.path.normpath(checkpoint)).isdigit():
+    path = os.path.abspath(os.path.normpath(checkpoint))
+    return os.path.dirname(path), int(os.path.basename(path))
+  if workdir is None:
+    raise ValueError(f"--checkpoint={checkpoint} is not a checkpoint step directory and no "
+                     '--workdir was given')
+  latest_dir = os.path.join(os.path.abspath(workdir), LATEST_DIR)
+  best_dir = os.path.join(os.path.abspath(workdir), BEST_DIR)
+  if checkpoint == 'best' and os.path.isdir(best_dir):
+    step = _manager(best_dir, max_to_keep=None, create=False).latest_step()
+    if step is not None:
+      return best_dir, step
+  if checkpoint in ('best', 'latest'):
+    step = (_manager(latest_dir, max_to_keep=None, create=False).latest_step()
+            if os.path.isdir(latest_dir) else None)
+    if step is None:
+      raise FileNotFoundError(f'{workdir}: no checkpoint found (looked in {latest_dir} and '
+                              f'{best_dir})')
+    if checkpoint == 'best':
+      logging.warning('%s has no best checkpoint yet; using the latest, step %d.', workdir, step)
+    return latest_dir, step
+  if checkpoint.isdigit():
+    if not os.path.isdir(os.path.join(latest_dir, checkpoint)):
+      raise FileNotFoundError(f'{latest_dir}: no checkpoint for step {checkpoint}')
+    return latest_dir, int(checkpoint)
+  raise ValueError(f"--checkpoint must be 'best', 'latest', a step number or a step directory; "
+                   f'got {checkpoint!r}')
+
+
+def restore_variables(directory: str, step: int, sharding: jax.sharding.Sharding
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Reads (variables, config dict) of any checkpoint step, without the optimiser state.
+
+  Args:
+    directory: a `checkpoints/` or `best/` directory.
+    step: the step to read.
+    sharding: where to put every variable (e.g. replicated over the current devices); the saved
+      device layout does not matter.
+  """
+  manager = _manager(directory, max_to_keep=None, create=False)
+  metadata = manager.item_metadata(step)[STATE]
+  target = {'variables': jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+      metadata['variables'])}
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True),
+      CONFIG: ocp.args.JsonRestore()}))
+  return restored[STATE]['variables'], restored[CONFIG]

@@ -1,0 +1,281 @@
+"""The training loop shared by every model and stage: `train_and_evaluate(config, workdir)`.
+
+The trainer knows nothing model-specific; `config.experiment` names the module whose
+`Experiment(config)` provides data, init, loss and evaluation (see `launch/experiment.py`). The
+config keys it reads are listed in the docstring of `launch/train.py`.
+"""
+from collections.abc import Mapping
+import functools
+import json
+import os
+from typing import Any
+
+from absl import logging
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from launch import checkpointing
+from launch import config_utils
+from launch import experiment as experiment_lib
+from launch import metric_writer
+from launch import optim
+from launch import plots
+from launch import sharding
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient norm became NaN/inf; the state after that step is not saved."""
+
+
+def init_state(experiment, tx: optax.GradientTransformation, rng: jax.Array,
+               batch: Mapping[str, jax.Array]) -> dict[str, Any]:
+  """The train state: step, typed RNG key, model variables and optimiser state."""
+  init_rng, train_rng = jax.random.split(rng)
+  variables = dict(experiment.init(init_rng, batch))
+  if 'params' not in variables:
+    raise ValueError(f'Experiment.init must return a dict with "params", got keys '
+                     f'{sorted(variables)}')
+  return {'step': jnp.zeros((), jnp.int32), 'rng': train_rng, 'variables': variables,
+          'opt_state': tx.init(variables['params'])}
+
+
+def make_train_step(experiment, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    frozen=()):
+  """The pure update function (state, batch) -> (state, metrics), to be jitted by the caller."""
+
+  def train_step(state, batch):
+    step, variables = state['step'], state['variables']
+    # A fresh key per step, derived from the step: identical after a resume, and independent of
+    # how the batch is sharded (threefry is partitionable).
+    rng = jax.random.fold_in(state['rng'], step)
+
+    def loss_of(params):
+      return experiment.loss_fn({**variables, 'params': params}, batch, rng)
+
+    (loss, (metrics, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+        variables['params'])
+    unknown = set(updates) - (set(variables) - {'params'})
+    if unknown:
+      raise ValueError(f'Experiment.loss_fn returned updates for collections {sorted(unknown)} '
+                       f'that Experiment.init did not create (have {sorted(variables)})')
+    opt_updates, opt_state = tx.update(grads, state['opt_state'], variables['params'])
+    params = optax.apply_updates(variables['params'], opt_updates)
+    mask = optim.trainable_mask(params, frozen)
+    metrics = {**metrics, 'loss': loss, 'grad_norm': optim.masked_global_norm(grads, mask),
+               'lr': schedule(step)}
+    new_state = {'step': step + 1, 'rng': state['rng'],
+                 'variables': {**variables, **updates, 'params': params}, 'opt_state': opt_state}
+    return new_state, metrics
+
+  return train_step
+
+
+def _steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, int]:
+  """Total, warmup, eval, log and checkpoint intervals in optimiser steps."""
+  total = config.get('total_steps') or int(config_utils.require(config, 'num_epochs')
+                                           * steps_per_epoch)
+  if total <= 0:
+    raise config_utils.ConfigError(f'config.total_steps / num_epochs give {total} steps')
+  if config.get('eval_every_steps'):
+    eval_every = int(config.eval_every_steps)
+  elif config.get('eval_every_epochs'):
+    eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
+  else:
+    eval_every = total
+  return {'total': int(total),
+          'warmup': int(round(config.get('warmup_epochs', 0) * steps_per_epoch)),
+          'eval': max(eval_every, 1),
+          'log': max(int(config.get('log_every_steps', 50)), 1),
+          'checkpoint': max(int(config.get('checkpoint_every_steps', 1000)), 1)}
+
+
+def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]], last_good: int | None,
+                  workdir: str) -> list[dict[str, float]]:
+  """Host values of the pending step metrics; raises NonFiniteLossError at the first bad step."""
+  values = jax.device_get([m for _, m in pending])
+  for (step, _), metrics in zip(pending, values):
+    loss, grad_norm = float(metrics['loss']), float(metrics['grad_norm'])
+    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+      kept = (f'the last good checkpoint is step {last_good} in '
+              f'{os.path.join(workdir, checkpointing.LATEST_DIR)}' if last_good is not None
+              else 'no checkpoint was written')
+      raise NonFiniteLossError(
+          f'Non-finite loss at step {step} (loss={loss}, grad_norm={grad_norm}); stopping '
+          f'without saving the state after that step; {kept}.')
+  return [{k: float(v) for k, v in m.items()} for m in values]
+
+
+def _evaluate(experiment, state, step: int, config, writer: metric_writer.MetricWriter
+              ) -> experiment_lib.EvalResult:
+  """Runs the experiment's evaluation, logs its metrics and trajectory plots."""
+  result = experiment_lib.check_eval_result(experiment.evaluate(state['variables']))
+  logging.info('eval @ step %d: %s', step,
+               ', '.join(f'{k}={v:.6g}' for k, v in sorted(result.metrics.items())))
+  writer.scalars(step, {f'eval/{k}': v for k, v in result.metrics.items()})
+  if jax.process_index() == 0:
+    images = {}
+    for sweep in result.sweeps[:int(config.get('num_plot_sweeps', 4))]:
+      images[f'eval/trajectory/{plots.safe_filename(sweep["sweep_id"])}'] = (
+          plots.figure_to_array(plots.sweep_figure(sweep)))
+    writer.images(step, images)
+  writer.flush()
+  return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config.experiment`, resuming from `workdir` if it holds checkpoints.
+
+  Args:
+    config: the run's config (keys documented in launch/train.py).
+    workdir: output folder: checkpoints/, best/, tensorboard/.
+
+  Returns:
+    The metrics of the last evaluation ({} if none ran in this call).
+
+  Raises:
+    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    config_utils.ConfigError: a missing or inconsistent config key.
+  """
+  workdir = os.path.abspath(workdir)
+  mesh = sharding.make_mesh()
+  with jax.set_mesh(mesh):
+    return _train(config, workdir, mesh)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, float]:
+  """Body of `train_and_evaluate`, under the mesh context."""
+  # ============================================================================================
+  # Experiment and sizes. Everything that can fail on bad input (config keys, missing data)
+  # runs before the workdir is touched, so a failed start leaves nothing behind.
+  # ============================================================================================
+  experiment = experiment_lib.load_experiment(config)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  batch_size = int(config_utils.require(config, 'batch_size'))
+  if batch_size % jax.device_count() or batch_size % process_count:
+    raise config_utils.ConfigError(
+        f'config.batch_size={batch_size} must be divisible by the number of devices '
+        f'({jax.device_count()}) and of processes ({process_count})')
+  steps_per_epoch = int(experiment.steps_per_epoch)
+  steps = _steps(config, steps_per_epoch)
+  total_steps = steps['total']
+  config_json = config_utils.to_json_dict(config)
+  logging.info('%d steps (%d per epoch, %d warmup) at global batch %d on %d devices, '
+               '%d process(es).', total_steps, steps_per_epoch, steps['warmup'], batch_size,
+               jax.device_count(), process_count)
+
+  # ============================================================================================
+  # Input pipeline: this process's shard of every global batch.
+  # ============================================================================================
+  train_ds = experiment.train_dataset(seed=int(config_utils.require(config, 'seed')),
+                                      shard_index=process_index, shard_count=process_count)
+  # One batch from a separate iterator gives the shapes for init; the training iterator starts
+  # untouched, so its checkpointed position always equals the number of steps done.
+  example_iter = iter(train_ds)
+  example = next(example_iter)
+  if hasattr(example_iter, 'close'):
+    example_iter.close()
+  local_rows = {k: np.shape(v)[0] for k, v in example.items()}
+  if set(local_rows.values()) != {batch_size // process_count}:
+    raise ValueError(f'Experiment.train_dataset yields per-process batches with leading sizes '
+                     f'{local_rows}; expected config.batch_size // processes = '
+                     f'{batch_size // process_count}')
+  if config.get('num_workers', 0):
+    train_ds = train_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=int(config.num_workers)))
+  batch_sharding = sharding.batch_sharding(mesh)
+  example = sharding.global_batch(example, batch_sharding)
+
+  # ============================================================================================
+  # Model, optimiser and the sharding of the train state.
+  # ============================================================================================
+  frozen = tuple(config.get('frozen', ()) or ())
+  tx, schedule = optim.make_optimizer(config_utils.require(config, 'optim'),
+                                      total_steps=total_steps, warmup_steps=steps['warmup'],
+                                      frozen=frozen)
+  init_fn = functools.partial(init_state, experiment, tx)
+  rng = jax.random.key(int(config.seed))
+  abstract_state = jax.eval_shape(init_fn, rng, example)
+  state_sharding = sharding.state_shardings(
+      mesh, abstract_state, fsdp=bool(config.get('fsdp', False)),
+      fsdp_min_size_mb=float(config.get('fsdp_min_size_mb', 4.0)))
+  num_params = sum(int(np.prod(x.shape)) for x in
+                   jax.tree.leaves(abstract_state['variables']['params']))
+  logging.info('%d parameters (%.1f MB float32).', num_params, num_params * 4 / 2**20)
+
+  # ============================================================================================
+  # Checkpoints and logs (first writes to the workdir); resume or initialise.
+  # ============================================================================================
+  ckpts = checkpointing.RunCheckpoints(workdir, keep=int(config.get('keep_checkpoints', 3)),
+                                       best_metric=config.get('best_metric') or None,
+                                       best_mode=config.get('best_mode', 'min'))
+  writer = metric_writer.MetricWriter(workdir, enabled=process_index == 0)
+  train_iter = iter(train_ds)
+  start = ckpts.latest_step()
+  if start is not None:
+    changes = config_utils.diff(ckpts.config(start), config_json)
+    if changes:
+      logging.warning('The config differs from the one saved at step %d:\n  %s', start,
+                      '\n  '.join(changes))
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          abstract_state, state_sharding)
+    state = ckpts.restore(start, target, train_iter)
+    logging.info('Resumed from %s at step %d.', workdir, start)
+  else:
+    start = 0
+    state = jax.jit(init_fn, out_shardings=state_sharding)(rng, example)
+    writer.text(0, 'config', '```\n' + json.dumps(config_json, indent=2) + '\n```')
+
+  train_step = jax.jit(
+      make_train_step(experiment, tx, schedule, frozen),
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+
+  # ============================================================================================
+  # Train loop. Metrics stay on device between log points (no per-step host sync); they are
+  # checked for NaN/inf before anything is logged, saved or evaluated.
+  # ============================================================================================
+  progress = metric_writer.Progress(start, total_steps)
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
+  eval_metrics: dict[str, float] = {}
+  try:
+    for step in range(start, total_steps):
+      batch = sharding.global_batch(next(train_iter), batch_sharding)
+      state, metrics = train_step(state, batch)
+      pending.append((step, metrics))
+      done = step + 1
+      last = done == total_steps
+      do_log = done % steps['log'] == 0 or last
+      do_save = done % steps['checkpoint'] == 0 or last
+      do_eval = done % steps['eval'] == 0 or last
+      if not (do_log or do_save or do_eval):
+        continue
+      values = _check_finite(pending, ckpts.latest_step(), workdir)
+      pending = []
+      if do_log:
+        mean = {k: float(np.mean([v[k] for v in values])) for k in values[-1]}
+        mean['lr'] = values[-1]['lr']
+        rate, eta = progress.update(done)
+        metric_writer.log_train_line(done, total_steps, mean, rate, eta)
+        writer.scalars(done, {**{f'train/{k}': v for k, v in mean.items()},
+                              'train/steps_per_sec': rate})
+      if do_save:
+        ckpts.save(done, state, train_iter, config_json)
+      if do_eval:
+        eval_metrics = _evaluate(experiment, state, done, config, writer).metrics
+        ckpts.maybe_save_best(done, state['variables'], eval_metrics, config_json)
+    if start >= total_steps:
+      logging.info('Nothing to do: the checkpoint in %s is already at step %d of %d.', workdir,
+                   start, total_steps)
+  finally:
+    # Also on errors: finish writing the last good checkpoint before the process exits.
+    ckpts.wait_until_finished()
+    ckpts.close()
+    writer.close()
+    if hasattr(train_iter, 'close'):
+      train_iter.close()
+  return eval_metrics

@@ -1,0 +1,168 @@
+"""Tests of launch/optim.py: the original schedule, torch-equivalent AdamW, frozen subtrees."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from launch import optim
+
+# The lr that the original DualTrack code (src/optimizer/optimizer.py, warmup_cosine, stepped after
+# every optimizer.step()) uses at each step, recorded by running that code under torch 2.13 with
+# CosineAnnealingLR.get_lr's torch-2.7.1 `last_epoch == 0` check restored (torch 2.7.1 is pinned
+# by the original's requirements.txt). Key: (lr, epochs, steps per epoch, warmup epochs).
+TORCH_WARMUP_COSINE = {
+    (1e-3, 4, 3, 1): [
+        0.00033333399999999996, 0.000666667, 0.001, 0.000966216088617589,
+        0.0008856007589415737, 0.0007808611706096958, 0.0006590097423302681,
+        0.0005282084627709407, 0.00039719767662021587, 0.0002746746039513697,
+        0.00016864977327606885, 8.578643762690496e-05],
+    (1e-4, 5, 2, 0): [
+        9.516553824444453e-05, 8.386590697412433e-05, 6.968044012954537e-05,
+        5.395961100811342e-05, 3.819660112501052e-05, 2.387287570313158e-05,
+        1.229559893979391e-05, 4.424211972088169e-06, 6.271407734229158e-07, 0.0],
+    (0.5, 3, 4, 1): [
+        0.1251875, 0.250125, 0.37506249999999997, 0.5, 0.48310804430879445,
+        0.4428003794707868, 0.3904305853048479, 0.32950487116513405, 0.26410423138547034,
+        0.19859883831010794, 0.13733730197568483, 0.08432488663803443],
+}
+# torch CosineAnnealingLR(T_max=12), lr 1e-3, stepped per iteration (same recording).
+TORCH_COSINE = [
+    0.001, 0.0009829629131445341, 0.0009330127018922195, 0.0008535533905932737, 0.00075,
+    0.0006294095225512604, 0.0005, 0.0003705904774487397, 0.0002500000000000001,
+    0.00014644660940672628, 6.698729810778065e-05, 1.70370868554659e-05]
+
+
+def _values(schedule, n):
+  return np.asarray(jax.vmap(schedule)(jnp.arange(n)), np.float64)
+
+
+@pytest.mark.parametrize('key', list(TORCH_WARMUP_COSINE))
+def test_warmup_cosine_matches_original(key):
+  lr, epochs, steps_per_epoch, warmup_epochs = key
+  got = _values(optim.warmup_cosine_schedule(lr, epochs * steps_per_epoch,
+                                             warmup_epochs * steps_per_epoch),
+                epochs * steps_per_epoch)
+  np.testing.assert_allclose(got, TORCH_WARMUP_COSINE[key], rtol=2e-6, atol=1e-12)
+
+
+def test_warmup_cosine_hand_values():
+  # lr 0.5, T = 12 steps, W = 4 warmup steps, initial factor f = 0.5 / 1000.
+  base, f, t_max = 0.5, 0.5e-3, 12
+  got = _values(optim.warmup_cosine_schedule(base, t_max, 4), t_max)
+  assert got[0] == pytest.approx(base * (f + (1 - f) * 1 / 4), rel=1e-6)  # c = 1, not 0
+  assert got[2] == pytest.approx(base * (f + (1 - f) * 3 / 4), rel=1e-6)
+  assert got[3] == pytest.approx(base, rel=1e-6)  # e = 0
+  # e = 1: closed form at 1 times the chainable ratio (1+cos(pi/12)) / (1+cos(0)).
+  closed = base * (1 + math.cos(math.pi / t_max)) / 2
+  assert got[4] == pytest.approx(closed * (1 + math.cos(math.pi / t_max)) / 2, rel=1e-6)
+  e = 8  # last step: c = 12
+  ratio = (1 + math.cos(math.pi * e / t_max)) / (1 + math.cos(math.pi * (e - 1) / t_max))
+  assert got[11] == pytest.approx(base * (1 + math.cos(math.pi * e / t_max)) / 2 * ratio,
+                                  rel=1e-5)
+
+
+def test_warmup_cosine_stays_finite_on_long_runs():
+  # 1 + cos(pi e / T) underflows in float32 near the end; the schedule must not give 0/0.
+  got = _values(optim.warmup_cosine_schedule(1e-4, 250_000, 0), 250_000)[-20:]
+  assert np.all(np.isfinite(got)) and np.all(got >= 0) and got[-1] == 0
+  assert np.all(np.diff(got) <= 0)
+
+
+def test_cosine_and_constant_schedules():
+  cosine = optim.make_schedule({'lr': 1e-3, 'schedule': 'cosine'}, total_steps=12,
+                               warmup_steps=0)
+  np.testing.assert_allclose(_values(cosine, 12), TORCH_COSINE, rtol=2e-6, atol=1e-12)
+  constant = optim.make_schedule({'lr': 2e-3, 'schedule': 'constant'}, total_steps=12,
+                                 warmup_steps=0)
+  np.testing.assert_allclose(_values(constant, 3), [2e-3] * 3, rtol=1e-7)
+
+
+def test_schedule_errors_name_the_key():
+  with pytest.raises(ValueError, match="config.optim.schedule: unknown schedule 'linear'"):
+    optim.make_schedule({'lr': 1.0, 'schedule': 'linear'}, total_steps=10, warmup_steps=0)
+  with pytest.raises(ValueError, match='warmup'):
+    optim.make_schedule({'lr': 1.0, 'schedule': 'cosine'}, total_steps=10, warmup_steps=2)
+  with pytest.raises(ValueError, match='config.optim.lr'):
+    optim.make_optimizer({}, total_steps=10, warmup_steps=0)
+
+
+def _numpy_torch_adamw(p, grads, lrs, wd, b1=0.9, b2=0.999, eps=1e-8):
+  """torch.optim.AdamW's documented algorithm (checked against torch 2.13 to 1e-16)."""
+  m, v = np.zeros_like(p), np.zeros_like(p)
+  for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+    p = p - lr * wd * p
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    p = p - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+  return p
+
+
+def _run(tx, params, grads):
+  state = tx.init(params)
+  for g in grads:
+    updates, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def test_adamw_matches_torch_with_scheduled_decay():
+  rng = np.random.default_rng(0)
+  p0 = rng.standard_normal(6).astype(np.float32)
+  grads = [rng.standard_normal(6).astype(np.float32) for _ in range(4)]
+  config = {'lr': 0.1, 'weight_decay': 0.3, 'schedule': 'warmup_cosine'}
+  tx, schedule = optim.make_optimizer(config, total_steps=4, warmup_steps=2)
+  got = _run(tx, {'w': jnp.asarray(p0)}, [{'w': jnp.asarray(g)} for g in grads])['w']
+  lrs = _values(schedule, 4)
+  want = _numpy_torch_adamw(p0.astype(np.float64), [g.astype(np.float64) for g in grads], lrs,
+                            0.3)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_subtree_is_unchanged_and_not_decayed():
+  params = {'encoder': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones((2,))},
+            'head': {'kernel': jnp.ones((2, 1))}}
+  grads = jax.tree.map(lambda x: 0.5 * jnp.ones_like(x), params)
+  tx, _ = optim.make_optimizer({'lr': 0.1, 'weight_decay': 0.5, 'schedule': 'constant'},
+                               total_steps=10, warmup_steps=0, frozen=('encoder/.*',))
+  state = tx.init(params)
+  out = _run(tx, params, [grads, grads])
+  np.testing.assert_array_equal(out['encoder']['kernel'], params['encoder']['kernel'])
+  np.testing.assert_array_equal(out['encoder']['bias'], params['encoder']['bias'])
+  # The head gets two AdamW steps: decay then a unit-size Adam step, each at lr 0.1.
+  want = _numpy_torch_adamw(np.ones(1), [np.full(1, 0.5)] * 2, [0.1, 0.1], 0.5)
+  np.testing.assert_allclose(np.asarray(out['head']['kernel']).ravel(), [want[0]] * 2, rtol=1e-5)
+  # No Adam moments are kept for frozen leaves.
+  mu = state.inner_states[optim.TRAINABLE].inner_state[0].mu
+  assert isinstance(mu['encoder']['kernel'], optax.MaskedNode)
+  assert mu['head']['kernel'].shape == (2, 1)
+
+
+def test_frozen_pattern_must_match_a_parameter():
+  params = {'encoder': {'kernel': jnp.ones((3, 2))}}
+  with pytest.raises(ValueError, match=r"config.frozen: pattern 'encodr/\.\*' matches no "
+                                       r'parameter; parameter paths are: encoder/kernel'):
+    optim.trainable_mask(params, ('encodr/.*',))
+  # fullmatch: a prefix alone does not match.
+  with pytest.raises(ValueError, match='matches no parameter'):
+    optim.trainable_mask(params, ('encoder',))
+
+
+def test_gradient_clipping_uses_trainable_norm_only():
+  params = {'a': jnp.zeros((2,)), 'frozen': jnp.zeros((2,))}
+  grads = [{'a': jnp.array([3.0, 4.0]), 'frozen': jnp.array([100.0, 0.0])},
+           {'a': jnp.array([0.3, -0.1]), 'frozen': jnp.array([100.0, 0.0])}]
+  mask = optim.trainable_mask(params, ('frozen',))
+  assert float(optim.masked_global_norm(grads[0], mask)) == pytest.approx(5.0)
+  tx, _ = optim.make_optimizer({'lr': 1.0, 'grad_clip_norm': 1.0, 'schedule': 'constant'},
+                               total_steps=2, warmup_steps=0, frozen=('frozen',))
+  out = _run(tx, params, grads)
+  # Norms over the trainable leaf only: 5 -> scaled to [0.6, 0.8]; 0.32 < 1 -> unchanged. Adam is
+  # scale-invariant per step but not across steps, so a norm that included the frozen gradient
+  # (about 100 at both steps) would give a different result.
+  want = _numpy_torch_adamw(np.zeros(2), [np.array([0.6, 0.8]), np.array([0.3, -0.1])],
+                            [1.0, 1.0], 0.0)
+  np.testing.assert_allclose(out['a'], want, rtol=1e-5)
+  np.testing.assert_array_equal(out['frozen'], [0.0, 0.0])
