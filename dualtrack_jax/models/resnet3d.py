@@ -1,0 +1,163 @@
+"""3D video ResNet-18 of the DualTrack local encoder (spec section 3.1), channels-last.
+
+The network keeps every frame (temporal stride 1) and zero-pads the time axis at the sweep ends, so
+output frame t depends on input frames t - r .. t + r with r = `VideoResNet.temporal_radius` (17 for
+the released "large window" network, 5 for the small-window registry variant).
+
+Module names mirror the PyTorch state dict (torchvision `VideoResNet` with the DualTrack stem):
+torch key `stem.3.weight` is Flax path `stem/3/kernel`, `layer2.0.downsample.1.running_mean` is
+`batch_stats` path `layer2/0/downsample/1/mean`, so converting a checkpoint is a key rename plus the
+kernel transpose (O, I, kT, kH, kW) -> (kT, kH, kW, I, O).
+"""
+from collections.abc import Sequence
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Temporal kernel size of the 3x3x3 convolutions in layer1..layer4.
+LARGE_WINDOW = (3, 3, 3, 3)  # `video_rn18_base`, used by both released checkpoints.
+SMALL_WINDOW = (3, 1, 1, 1)  # `video_rn18_small_temporal_context`.
+
+# torchvision initialises video ResNet convs with kaiming_normal_(mode="fan_out", relu).
+_KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv(features: int, kernel: Sequence[int], strides: Sequence[int], *, name: str,
+          dtype: Any, param_dtype: Any) -> nn.Conv:
+  """Bias-free 3D conv with torch's symmetric zero padding k // 2 on every axis.
+
+  Explicit pairs, not "SAME": "SAME" pads stride-2 convs on even sizes asymmetrically (0 before,
+  1 after), which shifts the sampling grid by one pixel relative to the PyTorch model.
+  """
+  return nn.Conv(features, tuple(kernel), strides=tuple(strides),
+                 padding=tuple((k // 2, k // 2) for k in kernel), use_bias=False,
+                 kernel_init=_KAIMING_FAN_OUT, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def _batch_norm(*, train: bool, name: str, dtype: Any, param_dtype: Any) -> nn.BatchNorm:
+  # Flax momentum weights the old statistic: 0.9 here is torch's momentum=0.1.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                      param_dtype=param_dtype, name=name)
+
+
+class ConvBN(nn.Module):
+  """torch `Sequential(Conv3d, BatchNorm3d)`: children '0' (conv) and '1' (batch norm)."""
+  features: int
+  kernel: Sequence[int]
+  strides: Sequence[int] = (1, 1, 1)
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = _conv(self.features, self.kernel, self.strides, name="0", **kw)(x)
+    return _batch_norm(train=train, name="1", **kw)(x)
+
+
+class BasicBlock(nn.Module):
+  """torchvision video BasicBlock: relu(conv2(conv1(x)) + shortcut(x)).
+
+  The first block of layers 2-4 halves H and W in `conv1` and in a 1x1x1 `downsample` shortcut.
+  """
+  features: int
+  temporal_kernel: int
+  spatial_stride: int = 1
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    conv_bn = functools.partial(ConvBN, self.features, dtype=self.dtype,
+                                param_dtype=self.param_dtype)
+    kernel = (self.temporal_kernel, 3, 3)
+    strides = (1, self.spatial_stride, self.spatial_stride)
+    y = nn.relu(conv_bn(kernel, strides, name="conv1")(x, train))
+    y = conv_bn(kernel, name="conv2")(y, train)
+    if self.spatial_stride != 1 or x.shape[-1] != self.features:
+      x = conv_bn((1, 1, 1), strides, name="downsample")(x, train)
+    return nn.relu(y + x)
+
+
+class Stem(nn.Module):
+  """R(2+1)D stem: (1, 7, 7) stride (1, 2, 2) conv, BN, ReLU, (3, 1, 1) conv, BN, ReLU.
+
+  Children '0', '1', '3', '4' as in torch (indices 2 and 5 are the parameter-free ReLUs).
+  """
+  width: int
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = _conv(self.width, (1, 7, 7), (1, 2, 2), name="0", **kw)(x)
+    x = nn.relu(_batch_norm(train=train, name="1", **kw)(x))
+    x = _conv(self.features, (3, 1, 1), (1, 1, 1), name="3", **kw)(x)
+    return nn.relu(_batch_norm(train=train, name="4", **kw)(x))
+
+
+class ResLayer(nn.Module):
+  """Two BasicBlocks, children '0' and '1'; the first one strides H and W by `spatial_stride`."""
+  features: int
+  temporal_kernel: int
+  spatial_stride: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    block = functools.partial(BasicBlock, self.features, self.temporal_kernel, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    x = block(self.spatial_stride, name="0")(x, train)
+    return block(1, name="1")(x, train)
+
+
+class VideoResNet(nn.Module):
+  """DualTrack's video ResNet-18 feature extractor (`VideoResnetFeaturesOnly`), channels-last.
+
+  Default attributes give the released large-window network (33,148,983 parameters).
+
+  Attributes:
+    widths: channels of layer1..layer4 (the stem also outputs widths[0]).
+    stem_width: channels of the stem's spatial (1, 7, 7) conv.
+    temporal_kernels: temporal kernel size of the 3x3x3-type convs of each layer; odd.
+    dtype: computation dtype (e.g. jnp.bfloat16); batch statistics are still computed in float32.
+    param_dtype: parameter dtype.
+  """
+  widths: Sequence[int] = (64, 128, 256, 512)
+  stem_width: int = 45
+  temporal_kernels: Sequence[int] = LARGE_WINDOW
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @property
+  def temporal_radius(self) -> int:
+    """Frames on each side that influence an output frame (stem 1, plus 4 convs per layer)."""
+    return 1 + sum(4 * (k // 2) for k in self.temporal_kernels)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Maps (B, T, H, W, C) frames to the layer4 feature map (B, T, H/16, W/16, widths[-1]).
+
+    Args:
+      x: input frames, channels-last.
+      train: batch norm uses (and updates) batch statistics when True, running ones otherwise.
+    """
+    if x.ndim != 5:
+      raise ValueError(f"VideoResNet: input must be (B, T, H, W, C), got shape {x.shape}")
+    if len(self.temporal_kernels) != len(self.widths):
+      raise ValueError(f"VideoResNet: temporal_kernels {tuple(self.temporal_kernels)} needs one "
+                       f"entry per layer of widths {tuple(self.widths)}")
+    if any(k < 1 or k % 2 == 0 for k in self.temporal_kernels):
+      raise ValueError("VideoResNet: temporal_kernels must be odd (symmetric padding keeps T), "
+                       f"got {tuple(self.temporal_kernels)}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = Stem(self.stem_width, self.widths[0], name="stem", **kw)(x, train)
+    for i, (width, kt) in enumerate(zip(self.widths, self.temporal_kernels)):
+      x = ResLayer(width, kt, 1 if i == 0 else 2, name=f"layer{i + 1}", **kw)(x, train)
+    return x
