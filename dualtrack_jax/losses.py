@@ -21,13 +21,13 @@ def pose_mse(pred: jax.Array, target: jax.Array, mask: jax.Array | None = None) 
     Scalar float32 loss.
   """
   if pred.shape != target.shape:
-    raise ValueError(f"pose_mse: pred shape {pred.shape} != target shape {target.shape}")
+    raise ValueError(f'pose_mse: pred shape {pred.shape} != target shape {target.shape}')
   diff = pred.astype(jnp.float32) - target.astype(jnp.float32)
   if mask is None:
     return jnp.square(diff).mean()
   if mask.shape != pred.shape[:-1]:
-    raise ValueError(f"pose_mse: mask shape {mask.shape} must be pred shape without its last "
-                     f"axis, {pred.shape[:-1]}")
+    raise ValueError(f'pose_mse: mask shape {mask.shape} must be pred shape without its last '
+                     f'axis, {pred.shape[:-1]}')
   valid = jnp.broadcast_to(mask.astype(bool)[..., None], diff.shape)
   # Zero the difference itself (not its square) so that NaN padding gives zero gradients too.
   diff = jnp.where(valid, diff, 0.0)

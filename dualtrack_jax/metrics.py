@@ -25,8 +25,8 @@ from dualtrack_jax.pose import array_namespace, matmul, matrix_to_pose_vector, r
 # Pixel evaluations per chunk of frames (~1M: three 480x640 frames); bounds the temporaries.
 _POINTS_PER_CHUNK = 1 << 20
 # Names of the pose-vector columns in the original's 'mae/*' keys (rx 'pitch', ry 'roll', rz 'yaw').
-_MAE_NAMES = ("x", "y", "z", "pitch", "roll", "yaw")
-_TUSREC_ERRORS = ("GPE", "GLE", "LPE", "LLE")
+_MAE_NAMES = ('x', 'y', 'z', 'pitch', 'roll', 'yaw')
+_TUSREC_ERRORS = ('GPE', 'GLE', 'LPE', 'LLE')
 
 
 def five_points(width: int, height: int) -> np.ndarray:
@@ -89,7 +89,7 @@ def displacement_errors(pred, gt, pixel_to_image, *, points=None, image_shape=No
   """
   if (points is None) == (image_shape is None):
     raise ValueError(
-        "dualtrack_jax.metrics.displacement_errors: pass exactly one of points, image_shape")
+        'dualtrack_jax.metrics.displacement_errors: pass exactly one of points, image_shape')
   xp, dtype = _namespace_and_dtype(pred, gt, pixel_to_image)
   pred, gt, pixel_to_image = (xp.asarray(a, dtype=dtype) for a in (pred, gt, pixel_to_image))
   if image_shape is not None:
@@ -115,7 +115,7 @@ def displacement_errors(pred, gt, pixel_to_image, *, points=None, image_shape=No
   chunk = frames_per_chunk or max(1, _POINTS_PER_CHUNK // num_points)
   chunk = max(1, min(chunk, num_frames))
   if xp is np:
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide='ignore', invalid='ignore'):
       stats = np.concatenate([chunk_means(coef_err[s:s + chunk], coef_gt[s:s + chunk])
                               for s in range(0, num_frames, chunk)], axis=1)
   else:
@@ -141,12 +141,12 @@ def _ddf_frame_stats(pred_global, gt_global, pixel_to_image, **where):
 def _ddf_summary(stats):
   # Key names (and the 'dislacement' typo) as in DualTrack's `get_ddf_metrics`.
   return {
-      "avg_global_displacement_error": stats["global_error"].mean(),
-      "max_global_dislacement_error": stats["global_error"].max(),
-      "avg_local_displacement_error": stats["local_error"].mean(),
-      "max_local_displacement_error": stats["local_error"].max(),
+      'avg_global_displacement_error': stats['global_error'].mean(),
+      'max_global_dislacement_error': stats['global_error'].max(),
+      'avg_local_displacement_error': stats['local_error'].mean(),
+      'max_local_displacement_error': stats['local_error'].max(),
       # A mean ratio, not a percentage, despite the name.
-      "relative_global_err_pct": stats["global_relative"].mean(),
+      'relative_global_err_pct': stats['global_relative'].mean(),
   }
 
 
@@ -175,17 +175,17 @@ def ddf_errors(pred_global, gt_global, pixel_to_image, *, points=None, image_sha
 def _check_landmarks(landmarks, num_frames, image_shape):
   """Validates concrete (f, x, y) landmarks: integers, 1 <= f <= N-1, 1 <= x <= W, 1 <= y <= H."""
   landmarks = np.asarray(landmarks)
-  name = "dualtrack_jax.metrics: landmarks"
+  name = 'dualtrack_jax.metrics: landmarks'
   if landmarks.ndim != 2 or landmarks.shape[1] != 3 or not len(landmarks):
-    raise ValueError(f"{name} must be (L,3) rows (frame, x, y), L >= 1, got {landmarks.shape}")
+    raise ValueError(f'{name} must be (L,3) rows (frame, x, y), L >= 1, got {landmarks.shape}')
   if not np.all(np.isfinite(landmarks)) or not np.array_equal(landmarks, np.round(landmarks)):
-    raise ValueError(f"{name} must hold integers (frame, x, y)")
+    raise ValueError(f'{name} must hold integers (frame, x, y)')
   height, width = image_shape
-  for column, label, high in ((0, "frame", num_frames - 1), (1, "x", width), (2, "y", height)):
+  for column, label, high in ((0, 'frame', num_frames - 1), (1, 'x', width), (2, 'y', height)):
     values = landmarks[:, column]
     if values.min() < 1 or values.max() > high:
       raise ValueError(
-          f"{name}: {label} must lie in [1, {high}], got [{values.min()}, {values.max()}]")
+          f'{name}: {label} must lie in [1, {high}], got [{values.min()}, {values.max()}]')
 
 
 def _landmark_errors(pred_global, gt_global, pixel_to_image, landmarks):
@@ -200,20 +200,20 @@ def _landmark_errors(pred_global, gt_global, pixel_to_image, landmarks):
   out = {}
   # The local transform of frame f is relative_transforms(...)[f - 1] = G_{f-1}^-1 G_f.
   for key, pred, gt in (
-      ("GLE", pred_global[frame], gt_global[frame]),
-      ("LLE", relative_transforms(pred_global)[frame - 1],
+      ('GLE', pred_global[frame], gt_global[frame]),
+      ('LLE', relative_transforms(pred_global)[frame - 1],
        relative_transforms(gt_global)[frame - 1])):
     out[key] = _norms(xp, _coefficients(xp, pred - gt, pixel_to_image), u, v).mean()
-    out[f"largest_{key}"] = _norms(xp, _coefficients(xp, gt - eye, pixel_to_image), u, v).mean()
+    out[f'largest_{key}'] = _norms(xp, _coefficients(xp, gt - eye, pixel_to_image), u, v).mean()
   return out
 
 
 def _tusrec_from(stats, landmark_errors):
   return {
-      "GPE": stats["global_error"].mean(), "GLE": landmark_errors["GLE"],
-      "LPE": stats["local_error"].mean(), "LLE": landmark_errors["LLE"],
-      "largest_GPE": stats["global_norm"].mean(), "largest_GLE": landmark_errors["largest_GLE"],
-      "largest_LPE": stats["local_norm"].mean(), "largest_LLE": landmark_errors["largest_LLE"],
+      'GPE': stats['global_error'].mean(), 'GLE': landmark_errors['GLE'],
+      'LPE': stats['local_error'].mean(), 'LLE': landmark_errors['LLE'],
+      'largest_GPE': stats['global_norm'].mean(), 'largest_GLE': landmark_errors['largest_GLE'],
+      'largest_LPE': stats['local_norm'].mean(), 'largest_LLE': landmark_errors['largest_LLE'],
   }
 
 
@@ -250,12 +250,12 @@ def tusrec_scores(errors: dict) -> dict:
   (mean of the four) and the leaderboard's 'global_score', 'local_score', 'pixel_score' and
   'landmark_score'. The challenge's final score is the mean of 'score' over scans.
   """
-  s = {f"{key}_score": 1 - errors[key] / errors[f"largest_{key}"] for key in _TUSREC_ERRORS}
-  s["score"] = (s["GPE_score"] + s["GLE_score"] + s["LPE_score"] + s["LLE_score"]) / 4
-  s["global_score"] = (s["GPE_score"] + s["GLE_score"]) / 2
-  s["local_score"] = (s["LPE_score"] + s["LLE_score"]) / 2
-  s["pixel_score"] = (s["GPE_score"] + s["LPE_score"]) / 2
-  s["landmark_score"] = (s["GLE_score"] + s["LLE_score"]) / 2
+  s = {f'{key}_score': 1 - errors[key] / errors[f'largest_{key}'] for key in _TUSREC_ERRORS}
+  s['score'] = (s['GPE_score'] + s['GLE_score'] + s['LPE_score'] + s['LLE_score']) / 4
+  s['global_score'] = (s['GPE_score'] + s['GLE_score']) / 2
+  s['local_score'] = (s['LPE_score'] + s['LLE_score']) / 2
+  s['pixel_score'] = (s['GPE_score'] + s['LPE_score']) / 2
+  s['landmark_score'] = (s['GLE_score'] + s['LLE_score']) / 2
   return s
 
 
@@ -272,28 +272,28 @@ def _hausdorff(a, b, rows_per_chunk: int = 256):
 def _drift_metrics(pred_global, gt_global):
   # Image-centre positions are the translations of the globals (origin of the centred frame).
   drift = np.linalg.norm(pred_global[:, :3, 3] - gt_global[:, :3, 3], axis=-1)
-  with np.errstate(divide="ignore", invalid="ignore"):
+  with np.errstate(divide='ignore', invalid='ignore'):
     rate = drift / np.linalg.norm(gt_global[:, :3, 3], axis=-1) * 100  # nan at frame 0 (0/0)
   return {
-      "final_drift_rate": rate[-1],
-      "avg_drift_rate": rate[~np.isnan(rate)].mean(),
-      "max_drift": drift.max(),
-      "sum_of_drift": drift.sum(),
-      "hausdorff": _hausdorff(gt_global[:, :3, 3], pred_global[:, :3, 3]),
+      'final_drift_rate': rate[-1],
+      'avg_drift_rate': rate[~np.isnan(rate)].mean(),
+      'max_drift': drift.max(),
+      'sum_of_drift': drift.sum(),
+      'hausdorff': _hausdorff(gt_global[:, :3, 3], pred_global[:, :3, 3]),
   }
 
 
 def _checked_transforms(x, name, num_frames=None):
   x = np.asarray(x, dtype=np.float64)
-  where = f"dualtrack_jax.metrics.sweep_metrics: {name}"
+  where = f'dualtrack_jax.metrics.sweep_metrics: {name}'
   if x.ndim != 3 or x.shape[1:] != (4, 4) or x.shape[0] < 2:
-    raise ValueError(f"{where} must be (N,4,4) with N >= 2, got shape {x.shape}")
+    raise ValueError(f'{where} must be (N,4,4) with N >= 2, got shape {x.shape}')
   if num_frames is not None and x.shape[0] != num_frames:
-    raise ValueError(f"{where} has {x.shape[0]} frames, pred_global has {num_frames}")
+    raise ValueError(f'{where} has {x.shape[0]} frames, pred_global has {num_frames}')
   if not np.all(np.isfinite(x)):
-    raise ValueError(f"{where} contains NaN or inf")
+    raise ValueError(f'{where} contains NaN or inf')
   if not np.allclose(x[0], np.eye(4), atol=1e-3):
-    raise ValueError(f"{where}[0] must be the identity (global transforms), got\n{x[0]}")
+    raise ValueError(f'{where}[0] must be the identity (global transforms), got\n{x[0]}')
   return x
 
 
@@ -318,35 +318,35 @@ def sweep_metrics(pred_global, gt_global, pixel_to_image, image_shape, *,
     avg_local_displacement_error, max_local_displacement_error, relative_global_err_pct}' and, if
     asked for, the same with 'ddf/all-pts-' and the 'tusrec/*' keys.
   """
-  pred_global = _checked_transforms(pred_global, "pred_global")
-  gt_global = _checked_transforms(gt_global, "gt_global", pred_global.shape[0])
+  pred_global = _checked_transforms(pred_global, 'pred_global')
+  gt_global = _checked_transforms(gt_global, 'gt_global', pred_global.shape[0])
   pixel_to_image = np.asarray(pixel_to_image, dtype=np.float64)
   if pixel_to_image.shape != (4, 4) or not np.all(np.isfinite(pixel_to_image)):
-    raise ValueError("dualtrack_jax.metrics.sweep_metrics: pixel_to_image must be a finite "
-                     f"(4,4) matrix, got shape {pixel_to_image.shape}")
+    raise ValueError('dualtrack_jax.metrics.sweep_metrics: pixel_to_image must be a finite '
+                     f'(4,4) matrix, got shape {pixel_to_image.shape}')
   if len(image_shape) != 2 or min(image_shape) < 1:
     raise ValueError(
-        f"dualtrack_jax.metrics.sweep_metrics: image_shape must be (H, W), got {image_shape}")
+        f'dualtrack_jax.metrics.sweep_metrics: image_shape must be (H, W), got {image_shape}')
   height, width = (int(s) for s in image_shape)
   if landmarks is not None:
     _check_landmarks(landmarks, pred_global.shape[0], (height, width))
 
   metrics = {}
   mae = np.abs(matrix_to_pose_vector(pred_global) - matrix_to_pose_vector(gt_global)).mean(0)
-  metrics.update({f"mae/{name}": value for name, value in zip(_MAE_NAMES, mae)})
-  metrics.update({f"drift/{k}": v for k, v in _drift_metrics(pred_global, gt_global).items()})
+  metrics.update({f'mae/{name}': value for name, value in zip(_MAE_NAMES, mae)})
+  metrics.update({f'drift/{k}': v for k, v in _drift_metrics(pred_global, gt_global).items()})
   five = _ddf_frame_stats(pred_global, gt_global, pixel_to_image,
                           points=five_points(width, height))
-  metrics.update({f"ddf/5pt-{k}": v for k, v in _ddf_summary(five).items()})
+  metrics.update({f'ddf/5pt-{k}': v for k, v in _ddf_summary(five).items()})
   if all_pixels or landmarks is not None:
     # One all-pixel pass serves both the 'ddf/all-pts-*' family and GPE/LPE.
     dense = _ddf_frame_stats(pred_global, gt_global, pixel_to_image, image_shape=(height, width))
     if all_pixels:
-      metrics.update({f"ddf/all-pts-{k}": v for k, v in _ddf_summary(dense).items()})
+      metrics.update({f'ddf/all-pts-{k}': v for k, v in _ddf_summary(dense).items()})
     if landmarks is not None:
       errors = _tusrec_from(
           dense, _landmark_errors(pred_global, gt_global, pixel_to_image, landmarks))
-      with np.errstate(divide="ignore", invalid="ignore"):
+      with np.errstate(divide='ignore', invalid='ignore'):
         errors.update(tusrec_scores(errors))
-      metrics.update({f"tusrec/{k}": v for k, v in errors.items()})
+      metrics.update({f'tusrec/{k}': v for k, v in errors.items()})
   return {k: float(v) for k, v in metrics.items()}

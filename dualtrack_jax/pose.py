@@ -53,7 +53,7 @@ def _homogeneous(xp, rotation, translation):
 def _check_matrices(m, name):
   if m.ndim < 2 or m.shape[-2:] != (4, 4):
     raise ValueError(
-        f"dualtrack_jax.pose.{name}: expected (...,4,4) matrices, got shape {m.shape}")
+        f'dualtrack_jax.pose.{name}: expected (...,4,4) matrices, got shape {m.shape}')
 
 
 def pose_vector_to_matrix(v):
@@ -61,7 +61,7 @@ def pose_vector_to_matrix(v):
   xp, v = _as_float(v)
   if v.shape[-1:] != (6,):
     raise ValueError(
-        f"dualtrack_jax.pose.pose_vector_to_matrix: expected (...,6), got shape {v.shape}")
+        f'dualtrack_jax.pose.pose_vector_to_matrix: expected (...,6), got shape {v.shape}')
   angles = xp.deg2rad(v[..., 3:])
   cx, cy, cz = (xp.cos(angles[..., i]) for i in range(3))
   sx, sy, sz = (xp.sin(angles[..., i]) for i in range(3))
@@ -85,7 +85,7 @@ def matrix_to_pose_vector(m):
   the split between rx and rz may differ (the matrix is the same). Gradients are finite everywhere.
   """
   xp, m = _as_float(m)
-  _check_matrices(m, "matrix_to_pose_vector")
+  _check_matrices(m, 'matrix_to_pose_vector')
   r = m[..., :3, :3]
   r00, r01, r10, r11 = r[..., 0, 0], r[..., 0, 1], r[..., 1, 0], r[..., 1, 1]
   r20, r21, r22 = r[..., 2, 0], r[..., 2, 1], r[..., 2, 2]
@@ -109,7 +109,7 @@ def matrix_to_pose_vector(m):
 def invert_rigid(m):
   """(...,4,4) rigid matrices -> their inverses `[R^T, -R^T t]` (exact for rigid input)."""
   xp, m = _as_float(m)
-  _check_matrices(m, "invert_rigid")
+  _check_matrices(m, 'invert_rigid')
   rotation_t = xp.swapaxes(m[..., :3, :3], -1, -2)
   translation = -matmul(rotation_t, m[..., :3, 3:])[..., 0]
   return _homogeneous(xp, rotation_t, translation)
@@ -118,14 +118,14 @@ def invert_rigid(m):
 def relative_transforms(t):
   """(...,N,4,4) absolute transforms -> (...,N-1,4,4) with `rel_k = t_k^-1 t_{k+1}`."""
   _, t = _as_float(t)
-  _check_matrices(t, "relative_transforms")
+  _check_matrices(t, 'relative_transforms')
   return matmul(invert_rigid(t[..., :-1, :, :]), t[..., 1:, :, :])
 
 
 def global_transforms(t):
   """(...,N,4,4) absolute transforms -> (...,N,4,4) with `G_i = t_0^-1 t_i` (`G_0 = I`)."""
   _, t = _as_float(t)
-  _check_matrices(t, "global_transforms")
+  _check_matrices(t, 'global_transforms')
   return matmul(invert_rigid(t[..., :1, :, :]), t)
 
 
@@ -136,10 +136,10 @@ def compose_relative(rel):
   NumPy accumulates sequentially in the input dtype, like the original.
   """
   xp, rel = _as_float(rel)
-  _check_matrices(rel, "compose_relative")
+  _check_matrices(rel, 'compose_relative')
   if rel.ndim < 3:
     raise ValueError(
-        f"dualtrack_jax.pose.compose_relative: expected (...,N-1,4,4), got shape {rel.shape}")
+        f'dualtrack_jax.pose.compose_relative: expected (...,N-1,4,4), got shape {rel.shape}')
   eye = xp.broadcast_to(xp.eye(4, dtype=rel.dtype), (*rel.shape[:-3], 1, 4, 4))
   if xp is jnp:
     # The scan combines an earlier prefix `a` with a later block `b`, hence a @ b.

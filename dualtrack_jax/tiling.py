@@ -35,16 +35,16 @@ def window_plan(num_frames: int, *, tile: int, halo: int) -> tuple[np.ndarray, n
   """
   length = tile + 2 * halo
   if num_frames <= length:
-    raise ValueError(f"window_plan: {num_frames} frames fit into one window of {length}")
+    raise ValueError(f'window_plan: {num_frames} frames fit into one window of {length}')
   num_windows = math.ceil((num_frames - length) / tile) + 1
   starts = np.minimum(np.arange(num_windows) * tile, num_frames - length)
   # Last frame (exclusive) each window may give: a true sweep end is not an artificial edge.
   valid_stop = np.where(starts + length < num_frames, starts + length - halo, num_frames)
   valid_start = np.where(starts > 0, starts + halo, 0)
   frames = np.arange(num_frames)
-  window_of_frame = np.searchsorted(valid_stop, frames, side="right")
+  window_of_frame = np.searchsorted(valid_stop, frames, side='right')
   # Coverage holds by construction (valid_start[k + 1] <= valid_stop[k]); checked as a guard.
-  assert np.all(valid_start[window_of_frame] <= frames), "window plan leaves a frame uncovered"
+  assert np.all(valid_start[window_of_frame] <= frames), 'window plan leaves a frame uncovered'
   return starts, window_of_frame
 
 
@@ -59,10 +59,12 @@ def tiled_temporal_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, 
   the receptive-field radius of `fn` the result equals `fn(x)`. A sequence with N <= L is passed
   to `fn` in one call.
 
-  Memory: the windows run one after the other (`lax.map`), so peak memory is that of one `fn`
-  call on L frames, plus the input and the stacked window outputs (K * L output frames, K =
+  Memory: the windows run one after the other, so peak memory is that of one `fn` call on L
+  frames, plus the input and the stacked window outputs (K * L output frames, K =
   ceil((N - L) / tile) + 1 windows), independent of N for the activations inside `fn`.
-  Works eagerly and under `jax.jit`.
+  Under `jax.jit` the windows run in a `lax.map`. Called eagerly, they run in a Python loop, so a
+  jitted `fn` compiles once for every sweep length (a `lax.map` would compile anew for each number
+  of windows).
 
   Args:
     fn: maps (..., L, ...) -> (..., L, ...) with time on `axis` in input and output; the other
@@ -76,7 +78,7 @@ def tiled_temporal_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, 
     The output of `fn` for the whole sequence, N frames on `axis`.
   """
   if tile < 1 or halo < 0:
-    raise ValueError(f"tiled_temporal_apply: need tile >= 1 and halo >= 0, got {tile}, {halo}")
+    raise ValueError(f'tiled_temporal_apply: need tile >= 1 and halo >= 0, got {tile}, {halo}')
   axis = axis % x.ndim
   num_frames = x.shape[axis]
   length = tile + 2 * halo
@@ -87,7 +89,10 @@ def tiled_temporal_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, 
   def run_window(start):
     return fn(lax.dynamic_slice_in_dim(x, start, length, axis=axis))
 
-  windows = lax.map(run_window, jnp.asarray(starts, jnp.int32))  # (K, ..., L on axis + 1, ...)
+  if isinstance(x, jax.core.Tracer):
+    windows = lax.map(run_window, jnp.asarray(starts, jnp.int32))  # (K, ..., L on axis + 1, ...)
+  else:
+    windows = jnp.stack([run_window(int(start)) for start in starts])
   windows = jnp.moveaxis(windows, axis + 1, 1)  # (K, L, ...)
   offsets = np.arange(num_frames) - starts[window_of_frame]
   return jnp.moveaxis(windows[window_of_frame, offsets], 0, axis)
@@ -101,7 +106,7 @@ def chunk_sizes(num_frames: int, max_len: int) -> list[int]:
   max_len = 1024 -> [750, 750].
   """
   if max_len < 1:
-    raise ValueError(f"chunk_sizes: max_len must be >= 1, got {max_len}")
+    raise ValueError(f'chunk_sizes: max_len must be >= 1, got {max_len}')
   if num_frames <= max_len:
     return [num_frames]
   size = math.ceil(num_frames / (num_frames // max_len + 1))

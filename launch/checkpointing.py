@@ -175,7 +175,7 @@ def find_checkpoint(workdir: str | None, checkpoint: str) -> tuple[str, int]:
     path = os.path.abspath(os.path.normpath(checkpoint))
     return os.path.dirname(path), int(os.path.basename(path))
   if workdir is None:
-    raise ValueError(f"--checkpoint={checkpoint} is not a checkpoint step directory and no "
+    raise ValueError(f'--checkpoint={checkpoint} is not a checkpoint step directory and no '
                      '--workdir was given')
   latest_dir = os.path.join(os.path.abspath(workdir), LATEST_DIR)
   best_dir = os.path.join(os.path.abspath(workdir), BEST_DIR)

@@ -40,7 +40,7 @@ def test_pose_mse_empty_mask_gives_zero():
 
 
 def test_pose_mse_shape_errors():
-  with pytest.raises(ValueError, match="target shape"):
+  with pytest.raises(ValueError, match='target shape'):
     losses.pose_mse(jnp.zeros((1, 2, 6)), jnp.zeros((1, 3, 6)))
-  with pytest.raises(ValueError, match="mask shape"):
+  with pytest.raises(ValueError, match='mask shape'):
     losses.pose_mse(jnp.zeros((1, 2, 6)), jnp.zeros((1, 2, 6)), jnp.ones((1, 3)))

@@ -56,11 +56,11 @@ def _brute_force_ddf_metrics(pred_glob, gt_glob, pixel_to_image, points):
   g_err = np.linalg.norm(g_pred - g_gt, axis=1).mean(-1)
   l_err = np.linalg.norm(l_pred - l_gt, axis=1).mean(-1)
   rel = (np.linalg.norm(g_pred - g_gt, axis=1) / np.linalg.norm(g_gt, axis=1)).mean(-1)
-  return {"avg_global_displacement_error": g_err.mean(),
-          "max_global_dislacement_error": g_err.max(),
-          "avg_local_displacement_error": l_err.mean(),
-          "max_local_displacement_error": l_err.max(),
-          "relative_global_err_pct": rel.mean()}
+  return {'avg_global_displacement_error': g_err.mean(),
+          'max_global_dislacement_error': g_err.max(),
+          'avg_local_displacement_error': l_err.mean(),
+          'max_local_displacement_error': l_err.max(),
+          'relative_global_err_pct': rel.mean()}
 
 
 def _all_pixels_x_major(height, width):
@@ -90,14 +90,14 @@ def _official_tusrec(pred_glob, gt_glob, pixel_to_image, image_shape, landmarks)
     return ddf[f - 1, :, (y - 1) * width + (x - 1)].T  # (3, L)
 
   out = {}
-  for prefix, transform in (("G", lambda g: g[1:]),
-                            ("L", lambda g: np.linalg.inv(g[:-1]) @ g[1:])):
+  for prefix, transform in (('G', lambda g: g[1:]),
+                            ('L', lambda g: np.linalg.inv(g[:-1]) @ g[1:])):
     d_gt = dense(transform(to_challenge(gt_glob)))
     d_pred = dense(transform(to_challenge(pred_glob)))
-    out[f"{prefix}PE"] = np.linalg.norm(d_gt - d_pred, axis=1).mean()
-    out[f"{prefix}LE"] = np.linalg.norm(gather(d_gt) - gather(d_pred), axis=0).mean()
-    out[f"largest_{prefix}PE"] = np.linalg.norm(d_gt, axis=1).mean()
-    out[f"largest_{prefix}LE"] = np.linalg.norm(gather(d_gt), axis=0).mean()
+    out[f'{prefix}PE'] = np.linalg.norm(d_gt - d_pred, axis=1).mean()
+    out[f'{prefix}LE'] = np.linalg.norm(gather(d_gt) - gather(d_pred), axis=0).mean()
+    out[f'largest_{prefix}PE'] = np.linalg.norm(d_gt, axis=1).mean()
+    out[f'largest_{prefix}LE'] = np.linalg.norm(gather(d_gt), axis=0).mean()
   return out
 
 
@@ -113,11 +113,11 @@ def test_five_points():
                                 [[0, 0], [640, 0], [0, 480], [640, 480], [320, 240]])
 
 
-@pytest.mark.parametrize("frames_per_chunk", [None, 1, 3])
+@pytest.mark.parametrize('frames_per_chunk', [None, 1, 3])
 def test_ddf_errors_equal_brute_force(frames_per_chunk):
   five = metrics.five_points(W, H)
-  for points, where in ((five.astype(float), {"points": five}),
-                        (_all_pixels_x_major(H, W), {"image_shape": (H, W)})):
+  for points, where in ((five.astype(float), {'points': five}),
+                        (_all_pixels_x_major(H, W), {'image_shape': (H, W)})):
     expected = _brute_force_ddf_metrics(PRED, GT, P2I, points)
     got = metrics.ddf_errors(PRED, GT, P2I, frames_per_chunk=frames_per_chunk, **where)
     assert got.keys() == expected.keys()
@@ -127,13 +127,13 @@ def test_ddf_errors_equal_brute_force(frames_per_chunk):
 
 def test_sweep_metrics_ddf_keys_equal_brute_force():
   m = metrics.sweep_metrics(PRED, GT, P2I, (H, W), all_pixels=True)
-  for prefix, points in (("ddf/5pt-", metrics.five_points(W, H).astype(float)),
-                         ("ddf/all-pts-", _all_pixels_x_major(H, W))):
+  for prefix, points in (('ddf/5pt-', metrics.five_points(W, H).astype(float)),
+                         ('ddf/all-pts-', _all_pixels_x_major(H, W))):
     for key, value in _brute_force_ddf_metrics(PRED, GT, P2I, points).items():
       assert isinstance(m[prefix + key], float)
       np.testing.assert_allclose(m[prefix + key], value, rtol=1e-12, err_msg=key)
   default = metrics.sweep_metrics(PRED, GT, P2I, (H, W))
-  assert not any(k.startswith(("ddf/all-pts-", "tusrec/")) for k in default)
+  assert not any(k.startswith(('ddf/all-pts-', 'tusrec/')) for k in default)
 
 
 def test_pure_translation_error_is_the_translation():
@@ -141,18 +141,18 @@ def test_pure_translation_error_is_the_translation():
   pred = GT.copy()
   pred[1:, :3, 3] += t
   m = metrics.sweep_metrics(pred, GT, P2I, (H, W), all_pixels=True)
-  for family in ("ddf/5pt-", "ddf/all-pts-"):
-    assert m[family + "avg_global_displacement_error"] == pytest.approx(1.3, abs=1e-12)
-    assert m[family + "max_global_dislacement_error"] == pytest.approx(1.3, abs=1e-12)
+  for family in ('ddf/5pt-', 'ddf/all-pts-'):
+    assert m[family + 'avg_global_displacement_error'] == pytest.approx(1.3, abs=1e-12)
+    assert m[family + 'max_global_dislacement_error'] == pytest.approx(1.3, abs=1e-12)
     # Only the first local transform changes: frame 1 has error |t|, frames 2..4 none.
-    assert m[family + "avg_local_displacement_error"] == pytest.approx(1.3 / (N - 1), abs=1e-12)
-    assert m[family + "max_local_displacement_error"] == pytest.approx(1.3, abs=1e-12)
-  np.testing.assert_allclose([m["mae/x"], m["mae/y"], m["mae/z"]], np.abs(t) * (N - 1) / N,
+    assert m[family + 'avg_local_displacement_error'] == pytest.approx(1.3 / (N - 1), abs=1e-12)
+    assert m[family + 'max_local_displacement_error'] == pytest.approx(1.3, abs=1e-12)
+  np.testing.assert_allclose([m['mae/x'], m['mae/y'], m['mae/z']], np.abs(t) * (N - 1) / N,
                              atol=1e-12)
-  for name in ("pitch", "roll", "yaw"):
-    assert m[f"mae/{name}"] == pytest.approx(0, abs=1e-10)
-  assert m["drift/max_drift"] == pytest.approx(1.3)
-  assert m["drift/sum_of_drift"] == pytest.approx(1.3 * (N - 1))
+  for name in ('pitch', 'roll', 'yaw'):
+    assert m[f'mae/{name}'] == pytest.approx(0, abs=1e-10)
+  assert m['drift/max_drift'] == pytest.approx(1.3)
+  assert m['drift/sum_of_drift'] == pytest.approx(1.3 * (N - 1))
 
 
 def test_rotation_about_image_centre():
@@ -166,52 +166,52 @@ def test_rotation_about_image_centre():
       [[-1.75, -0.625], [2.25, -0.625], [-1.75, 0.875], [2.25, 0.875], [0.25, 0.125]])
   expected = 2 * np.sin(theta / 2) * np.hypot(*centred.T).mean()
   got = metrics.ddf_errors(pred, gt, P2I, points=metrics.five_points(W, H))
-  assert got["avg_global_displacement_error"] == pytest.approx(expected, rel=1e-12)
-  assert got["avg_local_displacement_error"] == pytest.approx(expected / 2, rel=1e-12)
+  assert got['avg_global_displacement_error'] == pytest.approx(expected, rel=1e-12)
+  assert got['avg_local_displacement_error'] == pytest.approx(expected / 2, rel=1e-12)
 
 
 def test_mae_names_follow_the_original():
   """'pitch' is rx, 'roll' ry and 'yaw' rz (DualTrack's names for columns 3, 4, 5)."""
   vectors = pose.matrix_to_pose_vector(GT)
-  for column, name in ((3, "pitch"), (4, "roll"), (5, "yaw")):
+  for column, name in ((3, 'pitch'), (4, 'roll'), (5, 'yaw')):
     shifted = vectors.copy()
     shifted[1:, column] += 0.5
     m = metrics.sweep_metrics(pose.pose_vector_to_matrix(shifted), GT, P2I, (H, W))
-    for other in ("x", "y", "z", "pitch", "roll", "yaw"):
+    for other in ('x', 'y', 'z', 'pitch', 'roll', 'yaw'):
       expected = 0.5 * (N - 1) / N if other == name else 0.0
-      assert m[f"mae/{other}"] == pytest.approx(expected, abs=1e-10), (name, other)
+      assert m[f'mae/{other}'] == pytest.approx(expected, abs=1e-10), (name, other)
 
 
 def test_drift_metrics_hand_computed():
   gt = np.stack([_translation([2.0 * i, 0, 0]) for i in range(N)])
   pred = np.stack([_translation([2.2 * i, 0, 0]) for i in range(N)])
   m = metrics.sweep_metrics(pred, gt, P2I, (H, W))
-  assert m["drift/final_drift_rate"] == pytest.approx(10.0)
-  assert m["drift/avg_drift_rate"] == pytest.approx(10.0)  # frame 0 (0/0) is left out
-  assert m["drift/max_drift"] == pytest.approx(0.8)
-  assert m["drift/sum_of_drift"] == pytest.approx(0.2 * (1 + 2 + 3 + 4))
-  assert m["drift/hausdorff"] == pytest.approx(0.8)
+  assert m['drift/final_drift_rate'] == pytest.approx(10.0)
+  assert m['drift/avg_drift_rate'] == pytest.approx(10.0)  # frame 0 (0/0) is left out
+  assert m['drift/max_drift'] == pytest.approx(0.8)
+  assert m['drift/sum_of_drift'] == pytest.approx(0.2 * (1 + 2 + 3 + 4))
+  assert m['drift/hausdorff'] == pytest.approx(0.8)
 
 
 def test_hausdorff_matches_scipy():
   gt, pred = _trajectory(5, num_frames=300), _trajectory(6, num_frames=300)
   u, v = gt[:, :3, 3], pred[:, :3, 3]
   expected = max(directed_hausdorff(u, v)[0], directed_hausdorff(v, u)[0])
-  assert metrics.sweep_metrics(pred, gt, P2I, (H, W))["drift/hausdorff"] == pytest.approx(expected)
+  assert metrics.sweep_metrics(pred, gt, P2I, (H, W))['drift/hausdorff'] == pytest.approx(expected)
 
 
 def test_perfect_and_identity_predictions():
   perfect = metrics.sweep_metrics(GT, GT, P2I, (H, W), all_pixels=True, landmarks=LANDMARKS)
   for key, value in perfect.items():
-    if key.startswith(("ddf/", "mae/", "drift/")) or key in ("tusrec/GPE", "tusrec/LLE"):
+    if key.startswith(('ddf/', 'mae/', 'drift/')) or key in ('tusrec/GPE', 'tusrec/LLE'):
       assert value == pytest.approx(0, abs=1e-9), key
-  assert perfect["tusrec/score"] == pytest.approx(1.0)
+  assert perfect['tusrec/score'] == pytest.approx(1.0)
   identity = metrics.sweep_metrics(np.tile(np.eye(4), (N, 1, 1)), GT, P2I, (H, W),
                                    landmarks=LANDMARKS)
-  for key in ("GPE", "GLE", "LPE", "LLE"):
-    assert identity[f"tusrec/{key}"] == pytest.approx(identity[f"tusrec/largest_{key}"], rel=1e-12)
-    assert identity[f"tusrec/{key}_score"] == pytest.approx(0, abs=1e-12)
-  assert identity["tusrec/score"] == pytest.approx(0, abs=1e-12)
+  for key in ('GPE', 'GLE', 'LPE', 'LLE'):
+    assert identity[f'tusrec/{key}'] == pytest.approx(identity[f'tusrec/largest_{key}'], rel=1e-12)
+    assert identity[f'tusrec/{key}_score'] == pytest.approx(0, abs=1e-12)
+  assert identity['tusrec/score'] == pytest.approx(0, abs=1e-12)
 
 
 def test_tusrec_errors_equal_official_brute_force():
@@ -223,32 +223,32 @@ def test_tusrec_errors_equal_official_brute_force():
     np.testing.assert_allclose(got[key], value, rtol=1e-10, err_msg=key)
   m = metrics.sweep_metrics(PRED, GT, P2I, (H, W), landmarks=LANDMARKS)
   for key, value in expected.items():
-    np.testing.assert_allclose(m[f"tusrec/{key}"], value, rtol=1e-10, err_msg=key)
+    np.testing.assert_allclose(m[f'tusrec/{key}'], value, rtol=1e-10, err_msg=key)
 
 
 def test_landmark_error_is_the_pixel_error():
   """A single landmark's GLE equals the DDF error at that pixel of that frame."""
   f, x, y = 3, 5, 2
-  gle = metrics.tusrec_errors(PRED, GT, P2I, (H, W), np.array([[f, x, y]]))["GLE"]
+  gle = metrics.tusrec_errors(PRED, GT, P2I, (H, W), np.array([[f, x, y]]))['GLE']
   per_frame, _, _ = metrics.displacement_errors(PRED, GT, P2I, points=np.array([[x - 1, y - 1]]))
   assert gle == pytest.approx(per_frame[f], rel=1e-12)
 
 
 def test_tusrec_scores_hand_computed():
-  errors = {"GPE": 1.0, "largest_GPE": 4.0, "GLE": 2.0, "largest_GLE": 4.0,
-            "LPE": 0.0, "largest_LPE": 1.0, "LLE": 3.0, "largest_LLE": 2.0}
+  errors = {'GPE': 1.0, 'largest_GPE': 4.0, 'GLE': 2.0, 'largest_GLE': 4.0,
+            'LPE': 0.0, 'largest_LPE': 1.0, 'LLE': 3.0, 'largest_LLE': 2.0}
   s = metrics.tusrec_scores(errors)
-  expected = {"GPE_score": 0.75, "GLE_score": 0.5, "LPE_score": 1.0, "LLE_score": -0.5,
-              "score": 0.4375, "global_score": 0.625, "local_score": 0.25, "pixel_score": 0.875,
-              "landmark_score": 0.0}
+  expected = {'GPE_score': 0.75, 'GLE_score': 0.5, 'LPE_score': 1.0, 'LLE_score': -0.5,
+              'score': 0.4375, 'global_score': 0.625, 'local_score': 0.25, 'pixel_score': 0.875,
+              'landmark_score': 0.0}
   assert s == pytest.approx(expected)
 
 
 def test_jax_matches_numpy():
   """float32 JAX vs float64 NumPy: agreement to 1e-5 relative."""
   args = tuple(jnp.asarray(a, jnp.float32) for a in (PRED, GT, P2I))
-  for fn, where in ((_JIT_DDF_GRID, {"image_shape": (H, W)}),
-                    (_JIT_DDF_FIVE, {"points": metrics.five_points(W, H)})):
+  for fn, where in ((_JIT_DDF_GRID, {'image_shape': (H, W)}),
+                    (_JIT_DDF_FIVE, {'points': metrics.five_points(W, H)})):
     expected = metrics.ddf_errors(PRED, GT, P2I, **where)
     got = fn(*args)
     for key, value in expected.items():
@@ -264,8 +264,8 @@ def test_jax_matmuls_use_highest_precision():
   x = jnp.zeros((N, 4, 4))
   for fn in (_JIT_DDF_GRID, functools.partial(_JIT_TUSREC, landmarks=jnp.asarray(LANDMARKS))):
     jaxpr = str(jax.make_jaxpr(fn)(x, x, jnp.eye(4)))
-    highest = jaxpr.count("precision=(Precision.HIGHEST, Precision.HIGHEST)")
-    assert jaxpr.count("dot_general") == highest > 0
+    highest = jaxpr.count('precision=(Precision.HIGHEST, Precision.HIGHEST)')
+    assert jaxpr.count('dot_general') == highest > 0
 
 
 def test_full_size_frames_are_chunked():
@@ -291,19 +291,19 @@ def test_full_size_frames_are_chunked():
 
 
 def test_bad_inputs_raise():
-  with pytest.raises(ValueError, match=r"pred_global\[0\] must be the identity"):
+  with pytest.raises(ValueError, match=r'pred_global\[0\] must be the identity'):
     metrics.sweep_metrics(GT + _translation([5, 0, 0]) - np.eye(4), GT, P2I, (H, W))
-  with pytest.raises(ValueError, match="gt_global has 4 frames"):
+  with pytest.raises(ValueError, match='gt_global has 4 frames'):
     metrics.sweep_metrics(PRED, GT[:4], P2I, (H, W))
-  with pytest.raises(ValueError, match=r"pred_global must be \(N,4,4\)"):
+  with pytest.raises(ValueError, match=r'pred_global must be \(N,4,4\)'):
     metrics.sweep_metrics(PRED[:1], GT[:1], P2I, (H, W))
-  with pytest.raises(ValueError, match="gt_global contains NaN"):
+  with pytest.raises(ValueError, match='gt_global contains NaN'):
     metrics.sweep_metrics(PRED, np.where(np.arange(4) == 3, np.nan, GT), P2I, (H, W))
-  with pytest.raises(ValueError, match="pixel_to_image"):
+  with pytest.raises(ValueError, match='pixel_to_image'):
     metrics.sweep_metrics(PRED, GT, P2I[:3], (H, W))
-  with pytest.raises(ValueError, match=r"frame must lie in \[1, 4\]"):
+  with pytest.raises(ValueError, match=r'frame must lie in \[1, 4\]'):
     metrics.sweep_metrics(PRED, GT, P2I, (H, W), landmarks=np.array([[0, 1, 1]]))
-  with pytest.raises(ValueError, match=r"x must lie in \[1, 8\]"):
+  with pytest.raises(ValueError, match=r'x must lie in \[1, 8\]'):
     metrics.tusrec_errors(PRED, GT, P2I, (H, W), np.array([[1, 9, 1]]))
-  with pytest.raises(ValueError, match="exactly one of points, image_shape"):
+  with pytest.raises(ValueError, match='exactly one of points, image_shape'):
     metrics.displacement_errors(PRED, GT, P2I)

@@ -24,9 +24,9 @@ def _random_pose_vectors(n, seed=0):
 
 def _scipy_euler(matrices):
   with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)  # SciPy's gimbal-lock warning.
+    warnings.simplefilter('ignore', UserWarning)  # SciPy's gimbal-lock warning.
     return Rotation.from_matrix(np.asarray(matrices, np.float64)[..., :3, :3]).as_euler(
-        "xyz", degrees=True)
+        'xyz', degrees=True)
 
 
 def _random_rigid(shape, seed=1):
@@ -46,12 +46,12 @@ _JIT_VEC_TO_MAT = jax.jit(pose.pose_vector_to_matrix)
 _JIT_MAT_TO_VEC = jax.jit(pose.matrix_to_pose_vector)
 
 
-@pytest.mark.parametrize("dtype,atol", [(np.float64, 1e-14), (np.float32, 1e-6)])
+@pytest.mark.parametrize('dtype,atol', [(np.float64, 1e-14), (np.float32, 1e-6)])
 def test_pose_vector_to_matrix_matches_scipy(dtype, atol):
   v = _random_pose_vectors(200).astype(dtype)
   m = pose.pose_vector_to_matrix(v)
   assert m.dtype == dtype and m.shape == (200, 4, 4)
-  expected = Rotation.from_euler("xyz", v[:, 3:].astype(np.float64), degrees=True).as_matrix()
+  expected = Rotation.from_euler('xyz', v[:, 3:].astype(np.float64), degrees=True).as_matrix()
   np.testing.assert_allclose(m[:, :3, :3], expected, atol=atol)
   np.testing.assert_array_equal(m[:, :3, 3], v[:, :3])
   np.testing.assert_array_equal(m[:, 3], np.broadcast_to([0, 0, 0, 1], (200, 4)))
@@ -75,8 +75,8 @@ def test_matrix_to_pose_vector_matches_scipy_float32():
   assert _angle_diff(v[:, 3:], _scipy_euler(m)).max() < 5e-3
 
 
-@pytest.mark.parametrize("ry", [90.0, -90.0])
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize('ry', [90.0, -90.0])
+@pytest.mark.parametrize('dtype', [np.float64, np.float32])
 def test_gimbal_lock_convention(ry, dtype):
   v = np.array([[1, 2, 3, 30, ry, 20], [0, 0, 0, 170, ry, -100]], dtype)
   out = pose.matrix_to_pose_vector(pose.pose_vector_to_matrix(v))
@@ -106,7 +106,7 @@ def test_gimbal_lock_threshold_float64():
   np.testing.assert_allclose(out[:, 5], [20, 20, 0, 0], atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype,atol", [(np.float64, 1e-10), (np.float32, 2e-3)])
+@pytest.mark.parametrize('dtype,atol', [(np.float64, 1e-10), (np.float32, 2e-3)])
 def test_round_trips(dtype, atol):
   v = _random_pose_vectors(200).astype(dtype)
   regular = np.abs(v[:, 4]) < 90
@@ -158,11 +158,11 @@ def test_numpy_dtypes():
 
 
 def test_bad_shapes_raise():
-  with pytest.raises(ValueError, match="pose_vector_to_matrix.*6"):
+  with pytest.raises(ValueError, match='pose_vector_to_matrix.*6'):
     pose.pose_vector_to_matrix(np.zeros((3, 5)))
-  with pytest.raises(ValueError, match="invert_rigid.*4,4"):
+  with pytest.raises(ValueError, match='invert_rigid.*4,4'):
     pose.invert_rigid(np.zeros((3, 3)))
-  with pytest.raises(ValueError, match="compose_relative"):
+  with pytest.raises(ValueError, match='compose_relative'):
     pose.compose_relative(np.eye(4))
 
 
@@ -201,8 +201,8 @@ def test_jax_matmuls_use_highest_precision():
   for fn in (pose.invert_rigid, pose.relative_transforms, pose.global_transforms,
              pose.compose_relative):
     jaxpr = str(jax.make_jaxpr(fn)(x))
-    highest = jaxpr.count("precision=(Precision.HIGHEST, Precision.HIGHEST)")
-    assert jaxpr.count("dot_general") == highest > 0, fn
+    highest = jaxpr.count('precision=(Precision.HIGHEST, Precision.HIGHEST)')
+    assert jaxpr.count('dot_general') == highest > 0, fn
 
 
 def test_grad_and_vmap():

@@ -19,7 +19,7 @@ def _count(tree):
 def _paths(tree):
   """Flat {'a/b/c': leaf}; tuples (captured intermediates) count as leaves."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, tuple))
-  return {"/".join(k.key for k in path): leaf for path, leaf in flat}
+  return {'/'.join(k.key for k in path): leaf for path, leaf in flat}
 
 
 def numpy_conv3d(x, kernel, strides, padding):
@@ -35,22 +35,22 @@ def numpy_conv3d(x, kernel, strides, padding):
   return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def tiny_net():
   """Tiny large-window VideoResNet and its variables (BN running stats still at init)."""
   model = resnet3d.VideoResNet(**TINY)
   return model, model.init(jax.random.key(0), jnp.zeros((1, 2, 32, 32, 1)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def tiny_encoder():
   """Tiny stage-1 encoder, variables with non-trivial BN statistics, and a jitted apply."""
   model = local_encoder.LocalEncoderStage1(**TINY)
   variables = model.init(jax.random.key(1), jnp.zeros((1, 2, 16, 16)))
   # One training step's statistics, so that eval mode is not the identity-BN special case.
   _, state = model.apply(variables, jax.random.uniform(jax.random.key(2), (2, 6, 16, 16)),
-                         train=True, mutable=["batch_stats"])
-  variables = {"params": variables["params"], **state}
+                         train=True, mutable=['batch_stats'])
+  variables = {'params': variables['params'], **state}
   apply = jax.jit(functools.partial(model.apply, per_frame=True))
   return model, variables, apply
 
@@ -58,15 +58,15 @@ def tiny_encoder():
 def test_default_parameter_count_and_torch_key_layout():
   model = resnet3d.VideoResNet()
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4, 256, 256, 1)))
-  assert _count(variables["params"]) == 33_148_983  # spec 3.1, includes BN affine params
-  params, stats = _paths(variables["params"]), _paths(variables["batch_stats"])
+  assert _count(variables['params']) == 33_148_983  # spec 3.1, includes BN affine params
+  params, stats = _paths(variables['params']), _paths(variables['batch_stats'])
   # torch: stem.0.weight (45, 1, 1, 7, 7); layer2.0.downsample.0.weight (128, 64, 1, 1, 1).
-  assert params["stem/0/kernel"].shape == (1, 7, 7, 1, 45)
-  assert params["stem/3/kernel"].shape == (3, 1, 1, 45, 64)
-  assert params["layer2/0/downsample/0/kernel"].shape == (1, 1, 1, 64, 128)
-  assert params["layer4/1/conv2/0/kernel"].shape == (3, 3, 3, 512, 512)
-  assert params["layer4/1/conv2/1/scale"].shape == (512,)
-  assert stats["layer3/0/downsample/1/var"].shape == (256,)
+  assert params['stem/0/kernel'].shape == (1, 7, 7, 1, 45)
+  assert params['stem/3/kernel'].shape == (3, 1, 1, 45, 64)
+  assert params['layer2/0/downsample/0/kernel'].shape == (1, 1, 1, 64, 128)
+  assert params['layer4/1/conv2/0/kernel'].shape == (3, 3, 3, 512, 512)
+  assert params['layer4/1/conv2/1/scale'].shape == (512,)
+  assert stats['layer3/0/downsample/1/var'].shape == (256,)
   assert len(params) == 21 + 42 and len(stats) == 2 * 21  # 21 convs, 21 BNs
   assert model.temporal_radius == 17
 
@@ -74,18 +74,18 @@ def test_default_parameter_count_and_torch_key_layout():
 def test_small_window_variant():
   model = resnet3d.VideoResNet(temporal_kernels=resnet3d.SMALL_WINDOW)
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4, 256, 256, 1)))
-  assert _count(variables["params"]) == 11_472_951  # spec 3.1: "11.47 M params"
-  assert _paths(variables["params"])["layer2/0/conv1/0/kernel"].shape == (1, 3, 3, 64, 128)
+  assert _count(variables['params']) == 11_472_951  # spec 3.1: "11.47 M params"
+  assert _paths(variables['params'])['layer2/0/conv1/0/kernel'].shape == (1, 3, 3, 64, 128)
   assert model.temporal_radius == 5
 
 
 def test_bad_configuration_and_input_are_reported():
   x = jnp.zeros((1, 4, 32, 32, 1))
-  with pytest.raises(ValueError, match="odd"):
+  with pytest.raises(ValueError, match='odd'):
     jax.eval_shape(resnet3d.VideoResNet(temporal_kernels=(3, 2, 1, 1)).init, jax.random.key(0), x)
-  with pytest.raises(ValueError, match="one entry per layer"):
+  with pytest.raises(ValueError, match='one entry per layer'):
     jax.eval_shape(resnet3d.VideoResNet(temporal_kernels=(3, 3)).init, jax.random.key(0), x)
-  with pytest.raises(ValueError, match=r"\(B, T, H, W, C\)"):
+  with pytest.raises(ValueError, match=r'\(B, T, H, W, C\)'):
     jax.eval_shape(resnet3d.VideoResNet().init, jax.random.key(0), x[0])
 
 
@@ -99,48 +99,48 @@ def test_feature_map_of_256_input_is_16x16():
 def test_convolutions_match_numpy_with_torch_padding(tiny_net):
   model, variables = tiny_net
   x = jax.random.uniform(jax.random.key(3), (1, 3, 32, 32, 1))
-  _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
-  acts = {k.removesuffix("/__call__"): v[0] for k, v in _paths(state["intermediates"]).items()}
-  params = _paths(variables["params"])
+  _, state = model.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
+  acts = {k.removesuffix('/__call__'): v[0] for k, v in _paths(state['intermediates']).items()}
+  params = _paths(variables['params'])
   # Stem (1, 7, 7), stride (1, 2, 2), padding (0, 3, 3) on an even size.
   np.testing.assert_allclose(
-      acts["stem/0"], numpy_conv3d(x, params["stem/0/kernel"], (1, 2, 2), (0, 3, 3)),
+      acts['stem/0'], numpy_conv3d(x, params['stem/0/kernel'], (1, 2, 2), (0, 3, 3)),
       rtol=1e-4, atol=1e-5)
   # Stride-2 3x3x3 conv of layer2 with symmetric padding 1 ("SAME" would pad (0, 1) here).
-  layer1 = acts["layer1"]
+  layer1 = acts['layer1']
   assert layer1.shape == (1, 3, 16, 16, 4)
   np.testing.assert_allclose(
-      acts["layer2/0/conv1/0"],
-      numpy_conv3d(layer1, params["layer2/0/conv1/0/kernel"], (1, 2, 2), (1, 1, 1)),
+      acts['layer2/0/conv1/0'],
+      numpy_conv3d(layer1, params['layer2/0/conv1/0/kernel'], (1, 2, 2), (1, 1, 1)),
       rtol=1e-4, atol=1e-5)
   # The 1x1x1 stride-2 downsample takes the even pixels.
   even_pixels = np.asarray(layer1)[:, :, ::2, ::2]
   np.testing.assert_allclose(
-      acts["layer2/0/downsample/0"],
-      even_pixels @ np.asarray(params["layer2/0/downsample/0/kernel"][0, 0, 0]),
+      acts['layer2/0/downsample/0'],
+      even_pixels @ np.asarray(params['layer2/0/downsample/0/kernel'][0, 0, 0]),
       rtol=1e-4, atol=1e-5)
-  assert acts["layer4"].shape == (1, 3, 2, 2, 8)
+  assert acts['layer4'].shape == (1, 3, 2, 2, 8)
 
 
 def test_batch_norm_train_mode_updates_statistics_with_momentum_0_9(tiny_net):
   model, variables = tiny_net
   x = jax.random.uniform(jax.random.key(4), (2, 3, 32, 32, 1))
   _, state = model.apply(variables, x, train=True, capture_intermediates=True,
-                         mutable=["batch_stats", "intermediates"])
-  acts = _paths(state["intermediates"])
-  new_stats = _paths(state["batch_stats"])
+                         mutable=['batch_stats', 'intermediates'])
+  acts = _paths(state['intermediates'])
+  new_stats = _paths(state['batch_stats'])
   assert len(new_stats) == 2 * 21
   for path, value in new_stats.items():
-    bn, stat = path.rsplit("/", 1)
-    parent, index = bn.rsplit("/", 1)
-    conv_out = np.asarray(acts[f"{parent}/{int(index) - 1}/__call__"][0], np.float64)
-    batch = conv_out.mean((0, 1, 2, 3)) if stat == "mean" else conv_out.var((0, 1, 2, 3))
-    init = 0.0 if stat == "mean" else 1.0
+    bn, stat = path.rsplit('/', 1)
+    parent, index = bn.rsplit('/', 1)
+    conv_out = np.asarray(acts[f'{parent}/{int(index) - 1}/__call__'][0], np.float64)
+    batch = conv_out.mean((0, 1, 2, 3)) if stat == 'mean' else conv_out.var((0, 1, 2, 3))
+    init = 0.0 if stat == 'mean' else 1.0
     np.testing.assert_allclose(value, 0.9 * init + 0.1 * batch, rtol=1e-4, atol=1e-6,
                                err_msg=path)
 
 
-@pytest.mark.parametrize("kernels, radius", [(resnet3d.LARGE_WINDOW, 17),
+@pytest.mark.parametrize('kernels, radius', [(resnet3d.LARGE_WINDOW, 17),
                                              (resnet3d.SMALL_WINDOW, 5)])
 def test_temporal_receptive_field(kernels, radius):
   model = resnet3d.VideoResNet(temporal_kernels=kernels, **TINY)
@@ -159,15 +159,15 @@ def test_temporal_receptive_field(kernels, radius):
 
 def test_local_encoder_outputs_and_input_checks(tiny_encoder):
   model, variables, apply = tiny_encoder
-  assert set(variables["params"]) == {"backbone", "fc"}
-  assert variables["params"]["fc"]["kernel"].shape == (8, 6)
+  assert set(variables['params']) == {'backbone', 'fc'}
+  assert variables['params']['fc']['kernel'].shape == (8, 6)
   x = jax.random.uniform(jax.random.key(8), (2, 5, 16, 16))
   out = model.apply(variables, x)
   assert out.shape == (2, 4, 6)
   np.testing.assert_allclose(out, apply(variables, x[..., None])[:, 1:], rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="divide uint8"):
+  with pytest.raises(ValueError, match='divide uint8'):
     model.apply(variables, jnp.zeros((1, 4, 16, 16), jnp.uint8))
-  with pytest.raises(ValueError, match=r"\(B, T, H, W\)"):
+  with pytest.raises(ValueError, match=r'\(B, T, H, W\)'):
     model.apply(variables, jnp.zeros((1, 4, 16, 16, 3)))
 
 
@@ -179,7 +179,7 @@ def test_predict_sweep_tiled_equals_whole_sweep(tiny_encoder):
   tiled = local_encoder.predict_sweep(model, variables, x, tile=8)
   assert tiled.shape == (1, 49, 6)
   np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="receptive"):
+  with pytest.raises(ValueError, match='receptive'):
     local_encoder.predict_sweep(model, variables, x, tile=8, halo=16)
 
 

@@ -29,7 +29,7 @@ def _sweep(num_frames):
   return jax.random.normal(jax.random.key(num_frames), (2, num_frames, 3))
 
 
-@pytest.mark.parametrize("num_frames", [7, LENGTH, LENGTH + 1, 27, 61])
+@pytest.mark.parametrize('num_frames', [7, LENGTH, LENGTH + 1, 27, 61])
 def test_tiled_equals_whole_sweep(num_frames):
   x = _sweep(num_frames)
   shapes = set()
@@ -69,11 +69,11 @@ def test_window_plan_hand_computed():
 
 
 def test_tiled_rejects_bad_arguments():
-  with pytest.raises(ValueError, match="tile >= 1"):
+  with pytest.raises(ValueError, match='tile >= 1'):
     tiling.tiled_temporal_apply(temporal_cnn, _sweep(20), tile=0, halo=2)
 
 
-@pytest.mark.parametrize("num_frames, max_len, sizes", [
+@pytest.mark.parametrize('num_frames, max_len, sizes', [
     (1500, 1024, [750, 750]),
     (2049, 1024, [683, 683, 683]),
     (2048, 1024, [683, 683, 682]),

@@ -313,7 +313,7 @@ def _define_flags() -> None:
   flags.DEFINE_string('calibration', None,
                       'calib_matrix.csv to use; default: the built-in TUS-REC 2024 calibration.')
   flags.DEFINE_enum('split', None, list(registry.SPLITS),
-                    'Split for all scans; default: the input CSV\'s split column, else from the '
+                    "Split for all scans; default: the input CSV's split column, else from the "
                     'subject id (000-049 train, 050-052 val, others test).')
   flags.DEFINE_bool('skip_existing', False, 'Keep already converted sweeps (resume).')
   flags.DEFINE_string('register_as', None, 'Also register the CSV under this dataset name.')

@@ -7,6 +7,7 @@ so output k is the pose vector of T_k^-1 T_{k+1}. Parameter paths mirror the tor
 `fc.weight` -> `fc/kernel`).
 """
 from collections.abc import Sequence
+import functools
 import math
 from typing import Any
 
@@ -59,20 +60,20 @@ class LocalEncoderStage1(nn.Module):
       (B, T - 1, 6) [tx, ty, tz mm, rx, ry, rz deg] of T_k^-1 T_{k+1}, or (B, T, 6) if per_frame.
     """
     if not jnp.issubdtype(images.dtype, jnp.floating):
-      raise ValueError(f"LocalEncoderStage1: images must be float in [0, 1], got {images.dtype} "
-                       "(divide uint8 frames by 255 first)")
+      raise ValueError(f'LocalEncoderStage1: images must be float in [0, 1], got {images.dtype} '
+                       '(divide uint8 frames by 255 first)')
     if images.ndim == 4:
       images = images[..., None]
     if images.ndim != 5 or images.shape[-1] != 1:
-      raise ValueError("LocalEncoderStage1: images must be (B, T, H, W) or (B, T, H, W, 1), "
-                       f"got shape {images.shape}")
+      raise ValueError('LocalEncoderStage1: images must be (B, T, H, W) or (B, T, H, W, 1), '
+                       f'got shape {images.shape}')
     features = resnet3d.VideoResNet(
         self.widths, self.stem_width, self.temporal_kernels, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="backbone")(images, train=train)
+        param_dtype=self.param_dtype, name='backbone')(images, train=train)
     pooled = features.astype(jnp.float32).mean(axis=(2, 3))
     poses = nn.Dense(6, kernel_init=_torch_linear_init(pooled.shape[-1]),
                      bias_init=_torch_linear_init(pooled.shape[-1]), param_dtype=self.param_dtype,
-                     name="fc")(pooled)
+                     name='fc')(pooled)
     return poses if per_frame else poses[:, 1:]
 
 
@@ -97,6 +98,11 @@ def predict_sweep(model: LocalEncoderStage1, variables: Any, images: jax.Array, 
     raise ValueError(f"predict_sweep: halo={halo} is below the model's temporal receptive "
                      f"radius {radius}; tiled outputs would differ from the whole-sweep ones")
   frame_poses = tiling.tiled_temporal_apply(
-      lambda window: model.apply(variables, window, per_frame=True), images, tile=tile,
-      halo=halo)
+      functools.partial(_per_frame_poses, model, variables), images, tile=tile, halo=halo)
   return frame_poses[:, 1:]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _per_frame_poses(model: LocalEncoderStage1, variables: Any, window: jax.Array) -> jax.Array:
+  # Jitted once per (model, window shape): eager tiling then compiles once for every sweep length.
+  return model.apply(variables, window, per_frame=True)

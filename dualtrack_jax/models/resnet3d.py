@@ -22,7 +22,7 @@ LARGE_WINDOW = (3, 3, 3, 3)  # `video_rn18_base`, used by both released checkpoi
 SMALL_WINDOW = (3, 1, 1, 1)  # `video_rn18_small_temporal_context`.
 
 # torchvision initialises video ResNet convs with kaiming_normal_(mode="fan_out", relu).
-_KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _conv(features: int, kernel: Sequence[int], strides: Sequence[int], *, name: str,
@@ -54,8 +54,8 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = _conv(self.features, self.kernel, self.strides, name="0", **kw)(x)
-    return _batch_norm(train=train, name="1", **kw)(x)
+    x = _conv(self.features, self.kernel, self.strides, name='0', **kw)(x)
+    return _batch_norm(train=train, name='1', **kw)(x)
 
 
 class BasicBlock(nn.Module):
@@ -75,10 +75,10 @@ class BasicBlock(nn.Module):
                                 param_dtype=self.param_dtype)
     kernel = (self.temporal_kernel, 3, 3)
     strides = (1, self.spatial_stride, self.spatial_stride)
-    y = nn.relu(conv_bn(kernel, strides, name="conv1")(x, train))
-    y = conv_bn(kernel, name="conv2")(y, train)
+    y = nn.relu(conv_bn(kernel, strides, name='conv1')(x, train))
+    y = conv_bn(kernel, name='conv2')(y, train)
     if self.spatial_stride != 1 or x.shape[-1] != self.features:
-      x = conv_bn((1, 1, 1), strides, name="downsample")(x, train)
+      x = conv_bn((1, 1, 1), strides, name='downsample')(x, train)
     return nn.relu(y + x)
 
 
@@ -95,10 +95,10 @@ class Stem(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = _conv(self.width, (1, 7, 7), (1, 2, 2), name="0", **kw)(x)
-    x = nn.relu(_batch_norm(train=train, name="1", **kw)(x))
-    x = _conv(self.features, (3, 1, 1), (1, 1, 1), name="3", **kw)(x)
-    return nn.relu(_batch_norm(train=train, name="4", **kw)(x))
+    x = _conv(self.width, (1, 7, 7), (1, 2, 2), name='0', **kw)(x)
+    x = nn.relu(_batch_norm(train=train, name='1', **kw)(x))
+    x = _conv(self.features, (3, 1, 1), (1, 1, 1), name='3', **kw)(x)
+    return nn.relu(_batch_norm(train=train, name='4', **kw)(x))
 
 
 class ResLayer(nn.Module):
@@ -113,8 +113,8 @@ class ResLayer(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     block = functools.partial(BasicBlock, self.features, self.temporal_kernel, dtype=self.dtype,
                               param_dtype=self.param_dtype)
-    x = block(self.spatial_stride, name="0")(x, train)
-    return block(1, name="1")(x, train)
+    x = block(self.spatial_stride, name='0')(x, train)
+    return block(1, name='1')(x, train)
 
 
 class VideoResNet(nn.Module):
@@ -149,15 +149,15 @@ class VideoResNet(nn.Module):
       train: batch norm uses (and updates) batch statistics when True, running ones otherwise.
     """
     if x.ndim != 5:
-      raise ValueError(f"VideoResNet: input must be (B, T, H, W, C), got shape {x.shape}")
+      raise ValueError(f'VideoResNet: input must be (B, T, H, W, C), got shape {x.shape}')
     if len(self.temporal_kernels) != len(self.widths):
-      raise ValueError(f"VideoResNet: temporal_kernels {tuple(self.temporal_kernels)} needs one "
-                       f"entry per layer of widths {tuple(self.widths)}")
+      raise ValueError(f'VideoResNet: temporal_kernels {tuple(self.temporal_kernels)} needs one '
+                       f'entry per layer of widths {tuple(self.widths)}')
     if any(k < 1 or k % 2 == 0 for k in self.temporal_kernels):
-      raise ValueError("VideoResNet: temporal_kernels must be odd (symmetric padding keeps T), "
-                       f"got {tuple(self.temporal_kernels)}")
+      raise ValueError('VideoResNet: temporal_kernels must be odd (symmetric padding keeps T), '
+                       f'got {tuple(self.temporal_kernels)}')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = Stem(self.stem_width, self.widths[0], name="stem", **kw)(x, train)
+    x = Stem(self.stem_width, self.widths[0], name='stem', **kw)(x, train)
     for i, (width, kt) in enumerate(zip(self.widths, self.temporal_kernels)):
-      x = ResLayer(width, kt, 1 if i == 0 else 2, name=f"layer{i + 1}", **kw)(x, train)
+      x = ResLayer(width, kt, 1 if i == 0 else 2, name=f'layer{i + 1}', **kw)(x, train)
     return x
