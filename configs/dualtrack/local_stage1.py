@@ -81,12 +81,16 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.num_workers = 0
     c.model.widths = (16, 32, 64, 128)
     c.model.stem_width = 12
+    # The registry's small-window CNN (`vidrn18_small_window_trck_reg`, the original's default
+    # stage-1 CNN): with +-5 frames of context most frames of a 16-frame training window see the
+    # same context as in whole-sweep evaluation (with +-17 none does), and it is 1.8x faster.
+    c.model.temporal_kernels = (3, 1, 1, 1)
     c.batch_size = 8
-    c.num_epochs = 100  # 300 steps, about 11 minutes on two CPU cores.
+    c.num_epochs = 160  # 480 steps, about 11 minutes on two CPU cores.
     c.warmup_epochs = 2
     c.optim.lr = 1e-3
     c.optim.weight_decay = 1e-4
-    c.eval_every_epochs = 50
+    c.eval_every_epochs = 80
     c.eval_tile = 64
     c.checkpoint_every_steps = 100
     c.log_every_steps = 20
