@@ -35,7 +35,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.crop = (256, 256)  # The ViT of stage 2 needs exactly 256x256 (a 16x16 CNN feature map).
   # Training augmentations (transforms.Augmentation); validation uses none and a centre crop.
   c.data.augment = mlc.ConfigDict(dict(flip_p=0.5, reverse_p=0.5, random_crop=True))
-  c.data.synthetic = mlc.ConfigDict()  # Only read when dataset == 'synthetic'.
+  # Only read when dataset == 'synthetic': simulated sweeps (simulator.SimulatorConfig fields).
+  c.data.synthetic = mlc.ConfigDict()
+  c.data.synthetic.num_train = 24
+  c.data.synthetic.num_val = 6
+  c.data.synthetic.seed = 0
+  c.data.synthetic.cache_dir = ''  # '': $DUALTRACK_CACHE, else ~/.cache/dualtrack_jax.
+  c.data.synthetic.simulator = mlc.ConfigDict(
+      dict(height=96, width=128, pixel_spacing_mm=(0.3, 0.3), num_frames=(100, 200)))
 
   c.model = mlc.ConfigDict()
   c.model.widths = (64, 128, 256, 512)
@@ -70,9 +77,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   if variant == 'sim':
     c.data.dataset = 'synthetic'
-    c.data.synthetic.num_train = 24
-    c.data.synthetic.num_val = 6
-    c.data.synthetic.seed = 0
     c.data.crop = (48, 48)  # 3x3 CNN features: 1.8x cheaper than 64x64 and still enough speckle.
     # Every simulated sweep moves forward in z, and speckle decorrelation does not tell the
     # direction of out-of-plane motion: reversed sweeps would make the sign of tz unlearnable
