@@ -95,4 +95,5 @@ def test_chunked_runs_each_chunk_independently():
   # Inexact by design: frames near the internal borders differ from the whole-sweep output.
   err = np.abs(np.asarray(chunked - temporal_cnn(x))).max(axis=(0, 2))
   assert err[8] > 1e-3 and err[9] > 1e-3
-  np.testing.assert_allclose(err[:9 - RADIUS], 0, atol=1e-6)
+  # Interior frames agree up to float32 rounding, which differs between input lengths.
+  np.testing.assert_allclose(err[:9 - RADIUS], 0, atol=1e-4)
