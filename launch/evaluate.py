@@ -24,6 +24,7 @@ from launch import metric_writer
 from launch import plots
 from launch import sharding
 
+
 def format_table(metrics: dict[str, float]) -> str:
   """Two aligned columns: metric name, value."""
   width = max((len(k) for k in metrics), default=6)

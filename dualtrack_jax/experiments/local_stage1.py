@@ -29,6 +29,7 @@ GPE = 'ddf/5pt-avg_global_displacement_error'
 
 @dataclasses.dataclass
 class EvalResult:
+  """What the trainer expects from `evaluate` (duck-typed: model packages never import launch)."""
   metrics: dict[str, float]
   sweeps: list[dict[str, Any]]
 
