@@ -28,6 +28,7 @@ from ml_collections import config_flags
 from dualtrack_jax.data import pipeline
 from dualtrack_jax.data import registry
 from dualtrack_jax.data import simulator
+from dualtrack_jax.data import transforms
 from launch import experiment as experiment_lib
 from launch import optim
 from launch import sharding
@@ -71,7 +72,7 @@ def bench_pipeline(num_batches: int) -> None:
     records = registry.read_sweep_csv(csv, 'train')
     for workers in (0, 2):
       ds = pipeline.local_windows(records, window=16, crop_hw=(64, 64), batch_size=8, seed=0,
-                                  augment=pipeline.T.LOCAL_AUGMENT, num_workers=workers)
+                                  augment=transforms.LOCAL_AUGMENT, num_workers=workers)
       result = pipeline.measure_throughput(ds, num_batches=num_batches)
       print(f'pipeline local_windows (K=16, crop 64x64 of 96x128, batch 8), {workers} workers: '
             f'{result["elements_per_s"]:.1f} windows/s over {num_batches} batches')

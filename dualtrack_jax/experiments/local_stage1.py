@@ -56,6 +56,8 @@ class Experiment:
         dtype=jnp.dtype(config.compute_dtype))
     self.train_records = datasets.load_split(config.data, 'train')
     self.val_records = datasets.load_split(config.data, 'val')
+    # One frame size for all validation sweeps (SweepSource checks it), read once.
+    self._val_image_hw = pipeline.SweepSource(self.val_records).image_shape
     self._baselines = None
 
   @property
@@ -107,9 +109,7 @@ class Experiment:
     per_sweep, baselines, plots = [], [], []
     for item in val:
       images, tracking = item['images'][0], item['tracking'][0]
-      record = self.val_records[int(item['sweep_index'][0])]
-      with sweeps.SweepReader(record.path) as reader:
-        image_hw = reader.image_shape
+      image_hw = self._val_image_hw
       # Metrics on the full frame's pixel grid, expressed in the crop's centred frame (in which the
       # tracking and the predictions live): the original evaluates the whole image's points.
       top, left = transforms.center_crop_params(image_hw, crop)
