@@ -8,6 +8,9 @@ Module names mirror the PyTorch state dict (torchvision `VideoResNet` with the D
 torch key `stem.3.weight` is Flax path `stem/3/kernel`, `layer2.0.downsample.1.running_mean` is
 `batch_stats` path `layer2/0/downsample/1/mean`, so converting a checkpoint is a key rename plus the
 kernel transpose (O, I, kT, kH, kW) -> (kT, kH, kW, I, O).
+
+`conv`, `batch_norm`, `ConvBN`, `BasicBlock` and `ResLayer` take kernels of any rank, so the
+per-frame 2D ResNet of the global encoder (`resnet2d.py`) is built from the same blocks.
 """
 from collections.abc import Sequence
 import functools
@@ -25,9 +28,9 @@ SMALL_WINDOW = (3, 1, 1, 1)  # `video_rn18_small_temporal_context`.
 _KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _conv(features: int, kernel: Sequence[int], strides: Sequence[int], *, name: str,
-          dtype: Any, param_dtype: Any) -> nn.Conv:
-  """Bias-free 3D conv with torch's symmetric zero padding k // 2 on every axis.
+def conv(features: int, kernel: Sequence[int], strides: Sequence[int], *, name: str,
+         dtype: Any, param_dtype: Any) -> nn.Conv:
+  """Bias-free conv (2D or 3D) with torch's symmetric zero padding k // 2 on every axis.
 
   Explicit pairs, not "SAME": "SAME" pads stride-2 convs on even sizes asymmetrically (0 before,
   1 after), which shifts the sampling grid by one pixel relative to the PyTorch model.
@@ -37,34 +40,35 @@ def _conv(features: int, kernel: Sequence[int], strides: Sequence[int], *, name:
                  kernel_init=_KAIMING_FAN_OUT, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def _batch_norm(*, train: bool, name: str, dtype: Any, param_dtype: Any) -> nn.BatchNorm:
+def batch_norm(*, train: bool, name: str, dtype: Any, param_dtype: Any) -> nn.BatchNorm:
   # Flax momentum weights the old statistic: 0.9 here is torch's momentum=0.1.
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
                       param_dtype=param_dtype, name=name)
 
 
 class ConvBN(nn.Module):
-  """torch `Sequential(Conv3d, BatchNorm3d)`: children '0' (conv) and '1' (batch norm)."""
+  """torch `Sequential(Conv, BatchNorm)`: children '0' (conv) and '1' (batch norm)."""
   features: int
   kernel: Sequence[int]
-  strides: Sequence[int] = (1, 1, 1)
+  strides: Sequence[int]
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = _conv(self.features, self.kernel, self.strides, name='0', **kw)(x)
-    return _batch_norm(train=train, name='1', **kw)(x)
+    x = conv(self.features, self.kernel, self.strides, name='0', **kw)(x)
+    return batch_norm(train=train, name='1', **kw)(x)
 
 
 class BasicBlock(nn.Module):
-  """torchvision video BasicBlock: relu(conv2(conv1(x)) + shortcut(x)).
+  """torchvision BasicBlock: relu(conv2(conv1(x)) + shortcut(x)).
 
-  The first block of layers 2-4 halves H and W in `conv1` and in a 1x1x1 `downsample` shortcut.
+  `kernel` is (kT, 3, 3) in the video network and (3, 3) in the per-frame 2D one. The first block
+  of layers 2-4 halves H and W in `conv1` and in a 1x1(x1) `downsample` shortcut.
   """
   features: int
-  temporal_kernel: int
+  kernel: Sequence[int]
   spatial_stride: int = 1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -73,12 +77,12 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv_bn = functools.partial(ConvBN, self.features, dtype=self.dtype,
                                 param_dtype=self.param_dtype)
-    kernel = (self.temporal_kernel, 3, 3)
-    strides = (1, self.spatial_stride, self.spatial_stride)
-    y = nn.relu(conv_bn(kernel, strides, name='conv1')(x, train))
-    y = conv_bn(kernel, name='conv2')(y, train)
+    ones = (1,) * len(self.kernel)
+    strides = ones[:-2] + (self.spatial_stride, self.spatial_stride)
+    y = nn.relu(conv_bn(self.kernel, strides, name='conv1')(x, train))
+    y = conv_bn(self.kernel, ones, name='conv2')(y, train)
     if self.spatial_stride != 1 or x.shape[-1] != self.features:
-      x = conv_bn((1, 1, 1), strides, name='downsample')(x, train)
+      x = conv_bn(ones, strides, name='downsample')(x, train)
     return nn.relu(y + x)
 
 
@@ -95,23 +99,23 @@ class Stem(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = _conv(self.width, (1, 7, 7), (1, 2, 2), name='0', **kw)(x)
-    x = nn.relu(_batch_norm(train=train, name='1', **kw)(x))
-    x = _conv(self.features, (3, 1, 1), (1, 1, 1), name='3', **kw)(x)
-    return nn.relu(_batch_norm(train=train, name='4', **kw)(x))
+    x = conv(self.width, (1, 7, 7), (1, 2, 2), name='0', **kw)(x)
+    x = nn.relu(batch_norm(train=train, name='1', **kw)(x))
+    x = conv(self.features, (3, 1, 1), (1, 1, 1), name='3', **kw)(x)
+    return nn.relu(batch_norm(train=train, name='4', **kw)(x))
 
 
 class ResLayer(nn.Module):
   """Two BasicBlocks, children '0' and '1'; the first one strides H and W by `spatial_stride`."""
   features: int
-  temporal_kernel: int
+  kernel: Sequence[int]
   spatial_stride: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    block = functools.partial(BasicBlock, self.features, self.temporal_kernel, dtype=self.dtype,
+    block = functools.partial(BasicBlock, self.features, self.kernel, dtype=self.dtype,
                               param_dtype=self.param_dtype)
     x = block(self.spatial_stride, name='0')(x, train)
     return block(1, name='1')(x, train)
@@ -159,5 +163,5 @@ class VideoResNet(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = Stem(self.stem_width, self.widths[0], name='stem', **kw)(x, train)
     for i, (width, kt) in enumerate(zip(self.widths, self.temporal_kernels)):
-      x = ResLayer(width, kt, 1 if i == 0 else 2, name=f'layer{i + 1}', **kw)(x, train)
+      x = ResLayer(width, (kt, 3, 3), 1 if i == 0 else 2, name=f'layer{i + 1}', **kw)(x, train)
     return x
