@@ -200,6 +200,17 @@ def find_checkpoint(workdir: str | None, checkpoint: str) -> tuple[str, int]:
                    f'got {checkpoint!r}')
 
 
+def save_variables(directory: str, step: int, variables, config: Mapping[str, Any]) -> None:
+  """Writes variables (no optimiser state) and a config dict as `step` of `directory`, in the
+  layout of `best/` (what `restore_variables` reads); returns when the files are written."""
+  manager = _manager(directory, max_to_keep=None, create=True)
+  manager.save(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.PyTreeSave({'variables': variables}),
+      CONFIG: ocp.args.JsonSave(dict(config))}))
+  manager.wait_until_finished()
+  manager.close()
+
+
 def restore_variables(directory: str, step: int, sharding: jax.sharding.Sharding
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Reads (variables, config dict) of any checkpoint step, without the optimiser state.
@@ -221,3 +232,104 @@ def restore_variables(directory: str, step: int, sharding: jax.sharding.Sharding
           partial_restore=True),
       CONFIG: ocp.args.JsonRestore()}))
   return restored[STATE]['variables'], restored[CONFIG]
+
+
+# Initialisation from other runs (`config.init_from`) ---------------------------------------------
+
+def _leaves(tree) -> dict[str, Any]:
+  """{'/'-joined path: leaf} of a nested dict of arrays."""
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _under(path: str, prefix: str) -> bool:
+  return not prefix or path == prefix or path.startswith(prefix + '/')
+
+
+def _rebase(path: str, source: str, target: str) -> str:
+  rest = path[len(source):].lstrip('/') if source else path
+  return '/'.join(p for p in (target, rest) if p)
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, leaf in flat.items():
+    *parents, name = path.split('/')
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[name] = leaf
+  return tree
+
+
+def map_variables(source, target, mapping, *, reinit=(), origin: str = 'init_from'):
+  """`target` variables with subtrees replaced by those of `source` (strict), as a new dict.
+
+  Args:
+    source: variables of the source checkpoint ({'params': ..., 'batch_stats': ...}).
+    target: freshly initialised variables of the run.
+    mapping: (source path, target path) pairs of '/'-joined subtree paths within each collection
+      ('' = the whole collection), e.g. ('backbone', 'cnn'): stage 1's CNN as stage 2's.
+    reinit: target paths (subtrees) that keep their fresh initialisation although the source
+      has them (the 2025 finetuning's enlarged position tables; their shapes may differ).
+    origin: what to name in error messages (the source checkpoint).
+
+  Every source leaf under a mapped source path must land on a target leaf of the same shape and
+  dtype unless it falls under `reinit`; target leaves that no mapping covers keep their initial
+  values (new parts of the model). Any other mismatch raises ValueError naming the paths: nothing
+  is silently dropped or re-initialised (the original's loader drops mismatched tensors).
+  """
+  tgt = _leaves(target)
+  src = _leaves(source)
+  out = dict(tgt)
+  for collection in sorted({p.split('/')[0] for p in tgt}):
+    for source_path, target_path in mapping:
+      src_prefix = '/'.join(p for p in (collection, source_path) if p)
+      tgt_prefix = '/'.join(p for p in (collection, target_path) if p)
+      picked = {p: v for p, v in src.items() if _under(p, src_prefix)}
+      if not picked and collection == 'params':
+        raise ValueError(f'{origin}: no parameters under {src_prefix!r} in the source checkpoint '
+                         f'(it has {sorted({p.split("/")[1] for p in src if "/" in p})})')
+      for path, value in picked.items():
+        dest = _rebase(path, src_prefix, tgt_prefix)
+        if any(_under(dest.split('/', 1)[1], r) for r in reinit):
+          continue
+        if dest not in tgt:
+          raise ValueError(f'{origin}: source {path} maps to {dest}, which the model does not '
+                           'have (check the init_from map and the model config)')
+        if tuple(np.shape(value)) != tuple(np.shape(tgt[dest])):
+          raise ValueError(f'{origin}: source {path} has shape {tuple(np.shape(value))} but '
+                           f'{dest} has {tuple(np.shape(tgt[dest]))}; list it in '
+                           'init_from.<source>.reinit to start it afresh')
+        out[dest] = jax.numpy.asarray(value, dtype=tgt[dest].dtype)
+  for r in reinit:
+    if not any(_under(p.split('/', 1)[1], r) for p in tgt if '/' in p):
+      raise ValueError(f'{origin}: reinit path {r!r} is not in the model')
+  return _unflatten(out)
+
+
+def init_from_config(init_from: Mapping[str, Any], variables, sharding: jax.sharding.Sharding):
+  """Applies every source of `config.init_from` to freshly initialised `variables`.
+
+  `init_from` maps a source name to {'workdir': run folder or step directory, 'checkpoint':
+  'best' | 'latest' | step, 'map': [(source path, target path), ...], 'reinit': [target
+  paths]}; the sources apply in name order.
+  """
+  for name in sorted(init_from):
+    spec = init_from[name]
+    origin = f'config.init_from.{name}'
+    workdir = spec.get('workdir') or ''
+    if not workdir:
+      raise config_utils.ConfigError(f'{origin}.workdir is empty: set it to the run folder of '
+                                     'the previous stage (or a checkpoint step directory)')
+    step_dir = os.path.isdir(workdir) and os.path.basename(os.path.normpath(workdir)).isdigit()
+    directory, step = (find_checkpoint(None, workdir) if step_dir
+                       else find_checkpoint(workdir, str(spec.get('checkpoint') or 'best')))
+    source, _ = restore_variables(directory, step, sharding)
+    variables = map_variables(
+        source, variables, [tuple(m) for m in spec.get('map', [('', '')])],
+        reinit=tuple(spec.get('reinit', ()) or ()),
+        origin=f'{origin} ({directory}/{step})')
+    logging.info('Initialised %s from %s/%d.', [tuple(m) for m in spec.get('map', [])],
+                 directory, step)
+  return variables
