@@ -39,8 +39,23 @@ def test_pose_mse_empty_mask_gives_zero():
   assert float(losses.pose_mse(pred, pred + 1.0, jnp.zeros((1, 2), bool))) == 0.0
 
 
+def test_pose_mse_component_weights():
+  pred = jnp.zeros((2, 1, 6))
+  target = jnp.array([[[1.0, 1, 1, 1, 1, 1]], [[2.0, 0, 0, 0, 0, 0]]])
+  weights = jnp.array([0.5, 1, 2, 1, 1, 1])
+  # Weighted squared errors: 0.5 + 1 + 2 + 1 + 1 + 1 and 0.5 * 4, over 12 elements.
+  np.testing.assert_allclose(losses.pose_mse(pred, target, weights=weights), 8.5 / 12.0,
+                             rtol=1e-6)
+  mask = jnp.array([[True], [False]])
+  np.testing.assert_allclose(losses.pose_mse(pred, target, mask, weights), 6.5 / 6.0, rtol=1e-6)
+  np.testing.assert_allclose(losses.pose_mse(pred, target, weights=(1.0,) * 6),
+                             losses.pose_mse(pred, target), rtol=1e-6)
+
+
 def test_pose_mse_shape_errors():
   with pytest.raises(ValueError, match='target shape'):
     losses.pose_mse(jnp.zeros((1, 2, 6)), jnp.zeros((1, 3, 6)))
   with pytest.raises(ValueError, match='mask shape'):
     losses.pose_mse(jnp.zeros((1, 2, 6)), jnp.zeros((1, 2, 6)), jnp.ones((1, 3)))
+  with pytest.raises(ValueError, match='weights shape'):
+    losses.pose_mse(jnp.zeros((1, 2, 6)), jnp.zeros((1, 2, 6)), weights=jnp.ones(3))

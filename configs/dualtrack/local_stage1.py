@@ -66,6 +66,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.grad_clip_norm = mlc.config_dict.placeholder(float)  # The original does not clip.
   c.frozen = ()
+  # Multiplies each pose component's squared error [tx, ty, tz, rx, ry, rz]; all ones is the
+  # original's plain MSE.
+  c.loss_weights = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 
   c.eval_every_epochs = 100  # `val_every`.
   c.eval_tile = 128  # Frames per tile of the exact tiled whole-sweep inference (memory bound).
