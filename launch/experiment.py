@@ -6,6 +6,7 @@ the protocol is duck-typed, and `evaluate` may return any object with `metrics` 
 """
 import dataclasses
 import importlib
+import inspect
 from typing import Any, Protocol
 
 import grain
@@ -60,9 +61,24 @@ class Experiment(Protocol):
   def evaluate(self, variables: dict[str, Any]) -> EvalResult:
     """Host-side loop over whole validation sweeps."""
 
+  def predict_sweep(self, variables: dict[str, Any], reader: Any) -> np.ndarray:
+    """Optional (`launch.predict`): (N-1, 6) relative pose vectors of a sweep file.
 
-def load_experiment(config: ml_collections.ConfigDict) -> Experiment:
-  """Imports `config.experiment` and returns its `Experiment(config)`."""
+    `reader` is a `dualtrack_jax.data.sweeps.SweepReader`. Pose vectors as the h5 format's
+    targets: [tx, ty, tz] mm and [rx, ry, rz] degrees of the transform from frame k+1 to frame k,
+    in the file's image frame (its `pixel_to_image`). The experiment does its own preprocessing
+    (crop, resize) from the raw frames. Prediction builds the experiment with
+    `Experiment(config, load_data=False)` (see `load_experiment`).
+    """
+
+
+def load_experiment(config: ml_collections.ConfigDict, *,
+                    load_data: bool = True) -> Experiment:
+  """Imports `config.experiment` and returns its `Experiment(config)`.
+
+  With load_data=False (prediction), `Experiment(config, load_data=False)`: the model only, no
+  dataset read; experiments that do not take the argument cannot be used for prediction.
+  """
   name = config_utils.require(config, 'experiment')
   try:
     module = importlib.import_module(name)
@@ -74,7 +90,13 @@ def load_experiment(config: ml_collections.ConfigDict) -> Experiment:
   if not hasattr(module, 'Experiment'):
     raise config_utils.ConfigError(
         f"config.experiment: module '{name}' ({module.__file__}) defines no Experiment class")
-  return module.Experiment(config)
+  if load_data:
+    return module.Experiment(config)
+  if 'load_data' not in inspect.signature(module.Experiment).parameters:
+    raise config_utils.ConfigError(
+        f"config.experiment: '{name}' cannot build its model without its dataset (its "
+        'Experiment takes no load_data argument), so it does not support prediction')
+  return module.Experiment(config, load_data=False)
 
 
 def check_eval_result(result: Any, source: str = 'Experiment.evaluate') -> EvalResult:

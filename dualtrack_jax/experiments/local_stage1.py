@@ -25,6 +25,8 @@ from dualtrack_jax.models import local_encoder
 
 # The metric the README and the original's checkpoint selection use ("GPE" of the paper's tables).
 GPE = 'ddf/5pt-avg_global_displacement_error'
+# Pixels read per chunk when a sweep file is centre-cropped for prediction.
+_CROP_READ_PIXELS = 1 << 24
 
 
 @dataclasses.dataclass
@@ -48,16 +50,19 @@ def _trajectory(relative_vectors: np.ndarray) -> np.ndarray:
 class Experiment:
   """Stage-1 training and whole-sweep evaluation; see `launch/experiment.py` for the protocol."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, *, load_data: bool = True):
+    """Builds the model and, unless `load_data` is False (prediction only), reads the dataset."""
     self.config = config
     self.model = local_encoder.LocalEncoderStage1(
         widths=tuple(config.model.widths), stem_width=config.model.stem_width,
         temporal_kernels=tuple(config.model.temporal_kernels),
         dtype=jnp.dtype(config.compute_dtype))
-    self.train_records = datasets.load_split(config.data, 'train')
-    self.val_records = datasets.load_split(config.data, 'val')
-    # One frame size for all validation sweeps (SweepSource checks it), read once.
-    self._val_image_hw = pipeline.SweepSource(self.val_records).image_shape
+    self.train_records = self.val_records = self._val_image_hw = None
+    if load_data:
+      self.train_records = datasets.load_split(config.data, 'train')
+      self.val_records = datasets.load_split(config.data, 'val')
+      # One frame size for all validation sweeps (SweepSource checks it), read once.
+      self._val_image_hw = pipeline.SweepSource(self.val_records).image_shape
     self._baselines = None
 
   @property
@@ -84,7 +89,7 @@ class Experiment:
     del rng  # Stage 1 has no dropout.
     pred, updates = self.model.apply(variables, self._images(batch), train=True,
                                      mutable=['batch_stats'])
-    loss = losses.pose_mse(pred, batch['targets'])
+    loss = losses.pose_mse(pred, batch['targets'], weights=self.config.loss_weights)
     return loss, ({'mse': loss}, dict(updates))
 
   def predict(self, variables, images: np.ndarray) -> np.ndarray:
@@ -92,6 +97,38 @@ class Experiment:
     images = jnp.asarray(images[None], jnp.float32) / 255.0
     poses = local_encoder.predict_sweep(self.model, variables, images, tile=self.config.eval_tile)
     return np.asarray(poses[0], np.float64)
+
+  def predict_sweep(self, variables, reader: sweeps.SweepReader) -> np.ndarray:
+    """(N-1, 6) float64 relative pose vectors of a sweep file, in its own image frame.
+
+    The frames are centre-cropped to `config.data.crop` as in validation (read a chunk at a time,
+    so only the crops are held). The model predicts motion in the crop's centred frame, which is
+    half a pixel off the file's centred frame when the image and crop sizes differ by an odd
+    number of pixels; the motions are conjugated into the file's frame (the sweep's
+    `pixel_to_image`), in which the caller composes, compares and reconstructs.
+    """
+    crop = tuple(self.config.data.crop)
+    image_hw = reader.image_shape
+    if image_hw[0] < crop[0] or image_hw[1] < crop[1]:
+      raise sweeps.SweepFileError(
+          reader.path, sweeps.IMAGES, f'frames of {image_hw[0]}x{image_hw[1]} pixels are smaller '
+          f'than the {crop[0]}x{crop[1]} centre crop this model was trained on')
+    top, left = transforms.center_crop_params(image_hw, crop)
+    chunk = max(1, _CROP_READ_PIXELS // (image_hw[0] * image_hw[1]))
+    images = np.concatenate([
+        reader.images(start, min(start + chunk, reader.num_frames))[
+            :, top:top + crop[0], left:left + crop[1]]
+        for start in range(0, reader.num_frames, chunk)])
+    # crop_to_image maps the crop's centred mm to the file's (what `transforms.crop` puts on the
+    # tracking); the crop's pixels are never read, so a broadcast stand-in suffices.
+    try:
+      crop_to_image = transforms.crop(
+          dict(images=np.broadcast_to(np.uint8(0), (1, *image_hw)), tracking=np.eye(4)[None],
+               pixel_to_image=reader.pixel_to_image), top, left, crop)['tracking'][0]
+    except ValueError as e:
+      raise sweeps.SweepFileError(reader.path, sweeps.PIXEL_TO_IMAGE, str(e)) from e
+    relative = pose.pose_vector_to_matrix(self.predict(variables, images))
+    return pose.matrix_to_pose_vector(crop_to_image @ relative @ pose.invert_rigid(crop_to_image))
 
   def _mean_motion(self) -> np.ndarray:
     """Mean relative pose vector of the training sweeps (the 'mean motion' predictor)."""
