@@ -1,0 +1,1 @@
+"""SONICHU data: FM_UIA keypoint layout, synthetic images, augmentations, Grain pipelines."""

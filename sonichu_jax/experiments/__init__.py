@@ -1,0 +1,1 @@
+"""SONICHU training experiments: one module per training stage, the trainer's entry points."""
