@@ -256,3 +256,23 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
   monkeypatch.undo()
   assert os.listdir(tmp_path) == ['s.h5']
   assert sweeps.SweepReader(path).num_frames == N
+
+
+def test_sweep_without_tracking_opens_only_when_allowed(tmp_path):
+  a = _arrays()
+  a['dimensions'] = np.array([W, H, 1])
+  del a['tracking']
+  path = str(tmp_path / 'sensorless.h5')
+  with h5py.File(path, 'w') as f:
+    for k, v in a.items():
+      f.create_dataset(k, data=v)
+  with pytest.raises(sweeps.SweepFileError, match="key 'tracking': missing"):
+    sweeps.SweepReader(path).num_frames
+  with sweeps.SweepReader(path, require_tracking=False) as reader:
+    assert reader.tracking is None and reader.num_frames == N
+    np.testing.assert_array_equal(reader.images(0, N), a['images'])
+  # A present but malformed tracking is still an error.
+  with h5py.File(path, 'a') as f:
+    f.create_dataset('tracking', data=np.zeros((N, 4, 4)))
+  with pytest.raises(sweeps.SweepFileError, match='not a rigid transform'):
+    sweeps.SweepReader(path, require_tracking=False).num_frames

@@ -94,7 +94,8 @@ def check_rigid(path: str, key: str, matrices: np.ndarray) -> None:
         f'last row = {m[i, 3].tolist()} (must be [0, 0, 0, 1])')
 
 
-def _validate_fields(path: str, fields: Mapping[str, object]) -> dict:
+def _validate_fields(path: str, fields: Mapping[str, object], require_tracking: bool = True
+                     ) -> dict:
   """Checks a sweep given as arrays or h5py datasets; returns its small arrays and shapes.
 
   `fields` maps keys to objects with `.shape`, `.dtype` and `[()]` (NumPy arrays and h5py
@@ -136,14 +137,15 @@ def _validate_fields(path: str, fields: Mapping[str, object]) -> dict:
   if n < 2:
     raise SweepFileError(path, IMAGES, f'a sweep needs at least 2 frames, got {n}')
 
-  tracking = get(TRACKING)
-  check_dtype(TRACKING, tracking, 'f', 'float32 or float64')
-  check_shape(TRACKING, tracking, (None, 4, 4))
-  if tracking.shape[0] != n:
-    raise SweepFileError(
-        path, TRACKING, f'has {tracking.shape[0]} matrices but {IMAGES!r} has {n} frames')
-  tracking = np.asarray(tracking[()], dtype=np.float64)
-  check_rigid(path, TRACKING, tracking)
+  tracking = get(TRACKING, required=require_tracking)
+  if tracking is not None:
+    check_dtype(TRACKING, tracking, 'f', 'float32 or float64')
+    check_shape(TRACKING, tracking, (None, 4, 4))
+    if tracking.shape[0] != n:
+      raise SweepFileError(
+          path, TRACKING, f'has {tracking.shape[0]} matrices but {IMAGES!r} has {n} frames')
+    tracking = np.asarray(tracking[()], dtype=np.float64)
+    check_rigid(path, TRACKING, tracking)
 
   spacing = get(SPACING)
   check_dtype(SPACING, spacing, 'f', 'float')
@@ -197,8 +199,8 @@ def _open_h5(path: str) -> h5py.File:
     raise SweepFileError(path, None, f'not a readable HDF5 file (truncated?): {e}') from e
 
 
-def _validate_handle(path: str, f: h5py.File) -> dict:
-  return _validate_fields(path, {k: f[k] for k in f.keys()})
+def _validate_handle(path: str, f: h5py.File, require_tracking: bool = True) -> dict:
+  return _validate_fields(path, {k: f[k] for k in f.keys()}, require_tracking)
 
 
 def write_sweep(path: str | os.PathLike, *, images: np.ndarray, tracking: np.ndarray, spacing,
@@ -257,8 +259,11 @@ class SweepReader:
   each of which opens its own handle (a handle inherited through fork is reopened too).
   """
 
-  def __init__(self, path: str | os.PathLike):
+  def __init__(self, path: str | os.PathLike, *, require_tracking: bool = True):
+    """`require_tracking=False` also opens sweeps without ground truth (what a sensorless user
+    predicts); their `tracking` is None."""
     self._path = os.fspath(path)
+    self._require_tracking = require_tracking
     self._file: h5py.File | None = None
     self._pid: int | None = None
     self._meta: dict | None = None
@@ -280,7 +285,7 @@ class SweepReader:
       f = _open_h5(self._path)
       if self._meta is None:  # Validated once; worker processes receive the metadata pickled.
         try:
-          self._meta = _validate_handle(self._path, f)
+          self._meta = _validate_handle(self._path, f, self._require_tracking)
         except Exception:
           f.close()
           raise
@@ -327,9 +332,11 @@ class SweepReader:
     return self._metadata()['dimensions'].copy()
 
   @property
-  def tracking(self) -> np.ndarray:
-    """(N, 4, 4) float64 image -> world transforms."""
-    return self._metadata()['tracking'].copy()
+  def tracking(self) -> np.ndarray | None:
+    """(N, 4, 4) float64 image -> world transforms; None if the file has none (only possible with
+    `require_tracking=False`)."""
+    tracking = self._metadata()['tracking']
+    return None if tracking is None else tracking.copy()
 
   @property
   def has_downsampled(self) -> bool:
