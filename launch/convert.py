@@ -142,6 +142,15 @@ def convert_from_torch(source: str, out: str, model: str, *, allow_reinit: str |
   return variables
 
 
+def _fold_target_scaling(variables, model_config) -> dict[str, Any]:
+  """Folds stage 1's `fc(x) * target_std + target_mean` into `fc`: the original has no scaling."""
+  std = np.asarray(model_config.get('target_std') or np.ones(6), np.float32)
+  mean = np.asarray(model_config.get('target_mean') or np.zeros(6), np.float32)
+  fc = variables['params']['fc']
+  folded = {'kernel': np.asarray(fc['kernel']) * std, 'bias': np.asarray(fc['bias']) * std + mean}
+  return {**variables, 'params': {**variables['params'], 'fc': folded}}
+
+
 def convert_to_torch(source: str, out: str) -> dict[str, np.ndarray]:
   """Run folder (best, else latest checkpoint) or step folder -> raw state dict `out`."""
   _check_new(out)
@@ -153,6 +162,8 @@ def convert_to_torch(source: str, out: str) -> dict[str, np.ndarray]:
   if experiment not in TABLES:
     raise ValueError(f'{directory}/{step}: config.experiment {experiment!r} has no torch '
                      f'counterpart here; supported: {", ".join(sorted(TABLES))}')
+  if experiment == 'dualtrack_jax.experiments.local_stage1':
+    variables = _fold_target_scaling(variables, config['model'])
   state_dict = convert.to_torch(variables, TABLES[experiment])
   torch_io.save_state_dict(out, state_dict)
   logging.info('Wrote %s (%d tensors) from %s/%d.', out, len(state_dict), directory, step)

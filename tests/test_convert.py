@@ -383,6 +383,18 @@ def test_local_stage1_fixture_round_trip():
       np.testing.assert_array_equal(back[key], value, err_msg=key)
 
 
+def test_stage1_target_scaling_is_folded_into_fc_for_torch():
+  kw = dict(widths=(3, 4, 5, 6), stem_width=2)
+  mean, std = (0.1, -0.2, 0.3, 0.0, 0.5, -0.6), (0.5, 2.0, 0.1, 1.0, 3.0, 0.7)
+  scaled = local_encoder.LocalEncoderStage1(**kw, target_mean=mean, target_std=std)
+  images = jax.random.uniform(jax.random.key(1), (1, 3, 32, 32))
+  variables = scaled.init(jax.random.key(0), images)
+  folded = convert_cli._fold_target_scaling(variables, {'target_mean': mean, 'target_std': std})
+  plain = local_encoder.LocalEncoderStage1(**kw)
+  np.testing.assert_allclose(plain.apply(folded, images), scaled.apply(variables, images),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_allow_reinit_keeps_the_template_values_of_listed_tensors_only():
   small = convert.to_torch(random_variables(tiny_template(max_positions=4), seed=1),
                            convert.DUALTRACK)

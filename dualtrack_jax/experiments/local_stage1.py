@@ -56,6 +56,7 @@ class Experiment:
     self.model = local_encoder.LocalEncoderStage1(
         widths=tuple(config.model.widths), stem_width=config.model.stem_width,
         temporal_kernels=tuple(config.model.temporal_kernels),
+        target_mean=tuple(config.model.target_mean), target_std=tuple(config.model.target_std),
         dtype=jnp.dtype(config.compute_dtype))
     self.train_records = self.val_records = self._val_image_hw = None
     if load_data:
@@ -89,7 +90,9 @@ class Experiment:
     del rng  # Stage 1 has no dropout.
     pred, updates = self.model.apply(variables, self._images(batch), train=True,
                                      mutable=['batch_stats'])
-    loss = losses.pose_mse(pred, batch['targets'], weights=self.config.loss_weights)
+    # Errors in units of each component's target spread (`model.target_std`), then weighted.
+    std = jnp.asarray(self.config.model.target_std, jnp.float32)
+    loss = losses.pose_mse(pred / std, batch['targets'] / std, weights=self.config.loss_weights)
     return loss, ({'mse': loss}, dict(updates))
 
   def predict(self, variables, images: np.ndarray) -> np.ndarray:

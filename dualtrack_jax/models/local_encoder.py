@@ -28,13 +28,17 @@ def _torch_linear_init(fan_in: int) -> nn.initializers.Initializer:
 class LocalEncoderStage1(nn.Module):
   """Stage-1 local encoder: per-frame relative pose vectors from a window of frames.
 
-  Attributes: as `resnet3d.VideoResNet` (widths, stem_width, temporal_kernels, dtype, param_dtype).
+  Attributes: as `resnet3d.VideoResNet` (widths, stem_width, temporal_kernels, dtype, param_dtype),
+  and `target_mean`, `target_std`: the pose is `fc(features) * target_std + target_mean`, so `fc`
+  regresses standardised targets. None (the original) is `fc(features)` itself.
   The pooled features and `fc` are computed in float32 whatever `dtype` is: the head is tiny and
   its outputs are regressed in mm and degrees.
   """
   widths: Sequence[int] = (64, 128, 256, 512)
   stem_width: int = 45
   temporal_kernels: Sequence[int] = resnet3d.LARGE_WINDOW
+  target_mean: Sequence[float] | None = None
+  target_std: Sequence[float] | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -74,6 +78,10 @@ class LocalEncoderStage1(nn.Module):
     poses = nn.Dense(6, kernel_init=_torch_linear_init(pooled.shape[-1]),
                      bias_init=_torch_linear_init(pooled.shape[-1]), param_dtype=self.param_dtype,
                      name='fc')(pooled)
+    if self.target_std is not None:
+      poses = poses * jnp.asarray(self.target_std, jnp.float32)
+    if self.target_mean is not None:
+      poses = poses + jnp.asarray(self.target_mean, jnp.float32)
     return poses if per_frame else poses[:, 1:]
 
 
