@@ -1,4 +1,4 @@
-"""Optimiser of every stage: torch-equivalent AdamW, the original LR schedule, frozen subtrees.
+r"""Optimiser of every stage: torch-equivalent AdamW, the original LR schedule, frozen subtrees.
 
 AdamW: `optax.adamw` computes `p <- p - lr_t * (adam_update + wd * p)`, which is exactly
 torch.optim.AdamW's decoupled decay `p <- p * (1 - lr_t * wd)` followed by
@@ -10,13 +10,28 @@ Schedules, stepped once per optimiser update like the original's `scheduler.step
 - 'warmup_cosine' (the original's default: `src/optimizer/optimizer.py::WarmupScheduler` around
   `CosineAnnealingLR(T_max=total_steps)`), reproduced with its quirks, see `warmup_cosine_schedule`;
 - 'cosine': a plain per-step `CosineAnnealingLR(T_max=total_steps)`;
+- 'linear_warmup_cosine': a linear warmup from lr / W to lr over the W warmup steps, then a cosine
+  from lr to 0 over the remaining steps (the usual recipe, e.g. SONICHU's "cosine, 3-epoch warmup");
 - 'constant'.
 
 Frozen parameters (regexes over '/'-joined parameter paths, `re.fullmatch`) get `optax.set_to_zero`
 through `optax.multi_transform`: no update, no weight decay, no Adam moments, and they do not count
 in the gradient norm that is clipped or logged (in the original they have no `.grad`).
+
+Weight decay can be switched off for some parameters (`optim.no_decay`: regexes over the paths,
+e.g. biases and norms as in ViTPose's `paramwise_cfg`).
+
+Sparse groups (`optim.sparse_groups`: regexes over the paths whose first capture group names the
+group, e.g. `heads_(\w+)/.*` gives one group per task head): a group whose gradients are all exactly
+zero in a step, because the step's loss did not use it, gets no update at all: no weight decay, no
+Adam moment decay, no step count for its bias corrections. This is torch.optim.AdamW on parameters
+whose `.grad` is None (multi-task models that run one head per batch); plain AdamW would decay the
+unused heads and their moments every step. The learning-rate schedule stays global (one
+`scheduler.step()` per optimiser step), as in torch. A used group whose gradient happens to be
+exactly zero everywhere is skipped too, where torch would still decay it.
 """
 from collections.abc import Mapping, Sequence
+import functools
 import re
 from typing import Any
 
@@ -24,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-TRAINABLE, FROZEN = 'trainable', 'frozen'
-SCHEDULES = ('warmup_cosine', 'cosine', 'constant')
+TRAINABLE, FROZEN, SPARSE = 'trainable', 'frozen', 'sparse'
+SCHEDULES = ('warmup_cosine', 'cosine', 'linear_warmup_cosine', 'constant')
 
 
 def _cos_half_squared(steps_left, total_steps):
@@ -92,6 +107,28 @@ def cosine_schedule(base_lr: float, total_steps: int) -> optax.Schedule:
   return schedule
 
 
+def linear_warmup_cosine_schedule(base_lr: float, total_steps: int,
+                                  warmup_steps: int) -> optax.Schedule:
+  """lr_k = base_lr (k + 1) / W for k < W, then base_lr (1 + cos(pi (k - W) / (T - W))) / 2.
+
+  The first step already trains (at base_lr / W, not 0), the peak is reached at step W - 1 or W,
+  and the last step T - 1 is one cosine step above 0.
+  """
+  if total_steps <= warmup_steps or warmup_steps < 0:
+    raise ValueError('linear_warmup_cosine_schedule: need 0 <= warmup_steps < total_steps, got '
+                     f'total_steps={total_steps}, warmup_steps={warmup_steps}')
+  decay_steps = total_steps - warmup_steps
+
+  def schedule(count):
+    k = jnp.asarray(count, jnp.int32)
+    warm = base_lr * (k + 1) / max(warmup_steps, 1)
+    e = jnp.clip(k - warmup_steps, 0, decay_steps)
+    cosine = base_lr * _cos_half_squared(decay_steps - e, decay_steps)
+    return jnp.where(k < warmup_steps, warm, cosine).astype(jnp.float32)
+
+  return schedule
+
+
 def make_schedule(optim_config: Mapping[str, Any], *, total_steps: int,
                   warmup_steps: int) -> optax.Schedule:
   """The schedule named by `optim_config['schedule']` (default 'warmup_cosine')."""
@@ -99,6 +136,8 @@ def make_schedule(optim_config: Mapping[str, Any], *, total_steps: int,
   lr = float(optim_config['lr'])
   if name == 'warmup_cosine':
     return warmup_cosine_schedule(lr, total_steps, warmup_steps)
+  if name == 'linear_warmup_cosine':
+    return linear_warmup_cosine_schedule(lr, total_steps, warmup_steps)
   if name not in SCHEDULES:
     raise ValueError(f"config.optim.schedule: unknown schedule '{name}'; expected one of "
                      f'{SCHEDULES}')
@@ -125,6 +164,40 @@ def param_path(path) -> str:
   return '/'.join(parts)
 
 
+def _compile_patterns(patterns: Sequence[str], key: str) -> list[re.Pattern]:
+  try:
+    return [re.compile(p) for p in patterns]
+  except re.error as e:
+    raise ValueError(f'config.{key}: invalid regex {e.pattern!r}: {e}') from e
+
+
+def _paths(params) -> list[str]:
+  return [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _check_all_match(patterns: Sequence[re.Pattern], paths: Sequence[str], key: str) -> None:
+  """Raises ValueError if a pattern fully matches no path (a typo would silently do nothing)."""
+  for pattern in patterns:
+    if not any(pattern.fullmatch(path) for path in paths):
+      shown = ', '.join(paths[:20]) + (', ...' if len(paths) > 20 else '')
+      raise ValueError(f'config.{key}: pattern {pattern.pattern!r} matches no parameter; '
+                       f'parameter paths are: {shown}')
+
+
+def path_mask(params, patterns: Sequence[str], key: str, *, check: bool = True):
+  """A pytree of bools like `params`: True where a regex of `patterns` fully matches the path.
+
+  Raises:
+    ValueError: a pattern is not a valid regex or, with `check`, matches no parameter; the message
+      names `config.<key>`. (No `check` for subsets of the parameters, e.g. inside optax.masked.)
+  """
+  compiled = _compile_patterns(patterns, key)
+  if check:
+    _check_all_match(compiled, _paths(params), key)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: any(pattern.fullmatch(param_path(p)) for pattern in compiled), params)
+
+
 def trainable_mask(params, frozen: Sequence[str] = ()):
   """A pytree of bools like `params`: False where a `frozen` regex fully matches the path.
 
@@ -132,18 +205,65 @@ def trainable_mask(params, frozen: Sequence[str] = ()):
     ValueError: a pattern is not a valid regex or matches no parameter (a typo would otherwise
       silently train everything).
   """
-  try:
-    patterns = [re.compile(p) for p in frozen]
-  except re.error as e:
-    raise ValueError(f'config.frozen: invalid regex {e.pattern!r}: {e}') from e
-  paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  for pattern in patterns:
-    if not any(pattern.fullmatch(path) for path in paths):
-      shown = ', '.join(paths[:20]) + (', ...' if len(paths) > 20 else '')
-      raise ValueError(f'config.frozen: pattern {pattern.pattern!r} matches no parameter; '
-                       f'parameter paths are: {shown}')
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: not any(pattern.fullmatch(param_path(p)) for pattern in patterns), params)
+  return jax.tree.map(lambda frozen_leaf: not frozen_leaf, path_mask(params, frozen, 'frozen'))
+
+
+def sparse_group_names(params, patterns: Sequence[str], *, check: bool = True):
+  """A pytree like `params` of group names ('' for parameters in no group), see module docstring.
+
+  The name is '<pattern index>:<first capture group>' of the first pattern that fully matches the
+  path ('<pattern index>:' for a pattern without groups). `check`: as in `path_mask`.
+  """
+  compiled = _compile_patterns(patterns, 'optim.sparse_groups')
+  if check:
+    _check_all_match(compiled, _paths(params), 'optim.sparse_groups')
+
+  def name(path, _):
+    path = param_path(path)
+    for i, pattern in enumerate(compiled):
+      m = pattern.fullmatch(path)
+      if m:
+        return f'{i}:{m.group(1) if m.groups() else ""}'
+    return ''
+
+  return jax.tree_util.tree_map_with_path(name, params)
+
+
+def _skip_if_unused(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner`, except that a step with all-zero gradients gives zero updates and keeps the state."""
+
+  def update(updates, state, params=None):
+    used = functools.reduce(jnp.logical_or, [jnp.any(u != 0) for u in jax.tree.leaves(updates)],
+                            jnp.zeros((), bool))
+    new_updates, new_state = inner.update(updates, state, params)
+    new_updates = jax.tree.map(lambda u: jnp.where(used, u, jnp.zeros_like(u)), new_updates)
+    return new_updates, jax.tree.map(lambda new, old: jnp.where(used, new, old), new_state, state)
+
+  return optax.GradientTransformation(inner.init, update)
+
+
+def _per_sparse_group(make_inner, patterns: Sequence[str]) -> optax.GradientTransformation:
+  """One `_skip_if_unused(make_inner())` per sparse group, each with its own state."""
+
+  def transforms(params):
+    names = sorted({n for n in jax.tree.leaves(sparse_group_names(params, patterns, check=False))
+                    if n})
+    return {name: optax.masked(
+        _skip_if_unused(make_inner()),
+        functools.partial(lambda tree, name: jax.tree.map(
+            lambda n: n == name, sparse_group_names(tree, patterns, check=False)), name=name))
+            for name in names}
+
+  def init(params):
+    return {name: tx.init(params) for name, tx in transforms(params).items()}
+
+  def update(updates, state, params=None):
+    new_state = {}
+    for name, tx in transforms(params).items():
+      updates, new_state[name] = tx.update(updates, state[name], params)
+    return updates, new_state
+
+  return optax.GradientTransformation(init, update)
 
 
 def masked_global_norm(tree, mask) -> jax.Array:
@@ -160,7 +280,9 @@ def make_optimizer(optim_config: Mapping[str, Any], *, total_steps: int, warmup_
 
   Args:
     optim_config: `config.optim` with keys lr, weight_decay (0), b1 (0.9), b2 (0.999),
-      eps (1e-8), grad_clip_norm (None = no clipping), schedule ('warmup_cosine').
+      eps (1e-8), grad_clip_norm (None = no clipping), schedule ('warmup_cosine'), no_decay
+      (regexes of parameters without weight decay), sparse_groups (regexes with a capture group:
+      groups that an unused step leaves untouched; module docstring).
     total_steps: number of optimiser steps of the run.
     warmup_steps: warmup length in steps.
     frozen: regexes of parameter paths that must not change.
@@ -171,20 +293,43 @@ def make_optimizer(optim_config: Mapping[str, Any], *, total_steps: int, warmup_
   if 'lr' not in optim_config:
     raise ValueError('config.optim.lr is required')
   schedule = make_schedule(optim_config, total_steps=total_steps, warmup_steps=warmup_steps)
-  adamw = optax.adamw(schedule,
-                      b1=float(optim_config.get('b1', 0.9)),
-                      b2=float(optim_config.get('b2', 0.999)),
-                      eps=float(optim_config.get('eps', 1e-8)),
-                      weight_decay=float(optim_config.get('weight_decay', 0.0)))
-  clip = optim_config.get('grad_clip_norm', None)
-  # optax scales by max_norm / norm when norm > max_norm; torch's clip_grad_norm_ by
-  # max_norm / (norm + 1e-6): a relative difference of 1e-6 / norm, far below float32 noise.
-  trainable = optax.chain(optax.clip_by_global_norm(float(clip)), adamw) if clip else adamw
+  b1, b2 = float(optim_config.get('b1', 0.9)), float(optim_config.get('b2', 0.999))
+  eps = float(optim_config.get('eps', 1e-8))
+  weight_decay = float(optim_config.get('weight_decay', 0.0))
+  no_decay = tuple(optim_config.get('no_decay', ()) or ())
+  sparse = tuple(optim_config.get('sparse_groups', ()) or ())
   frozen = tuple(frozen)
 
-  def labels(params):
-    return jax.tree.map(lambda keep: TRAINABLE if keep else FROZEN,
-                        trainable_mask(params, frozen))
+  def decay_mask(params):
+    # Called on each label's part of the parameters: the patterns are checked in `labels`.
+    return jax.tree.map(lambda skip: not skip,
+                        path_mask(params, no_decay, 'optim.no_decay', check=False))
 
-  tx = optax.multi_transform({TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, labels)
+  adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                      mask=decay_mask if no_decay else None)
+  transforms = {TRAINABLE: adamw, FROZEN: optax.set_to_zero()}
+  if sparse:
+    # The Adam step and the decay per group; the learning rate is applied with the global count.
+    transforms[SPARSE] = optax.chain(
+        _per_sparse_group(lambda: optax.chain(
+            optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+            optax.add_decayed_weights(weight_decay, decay_mask if no_decay else None)), sparse),
+        optax.scale_by_learning_rate(schedule))
+
+  def labels(params):
+    path_mask(params, no_decay, 'optim.no_decay')  # Every pattern must match a parameter.
+    groups = (sparse_group_names(params, sparse) if sparse
+              else jax.tree.map(lambda _: '', params))
+    return jax.tree.map(lambda keep, group: (FROZEN if not keep else SPARSE if group
+                                             else TRAINABLE),
+                        trainable_mask(params, frozen), groups)
+
+  tx = optax.multi_transform(transforms, labels)
+  clip = optim_config.get('grad_clip_norm', None)
+  if clip:
+    # One norm over every trainable gradient (frozen ones excluded; unused sparse groups add 0).
+    # optax scales by max_norm / norm when norm > max_norm; torch's clip_grad_norm_ by
+    # max_norm / (norm + 1e-6): a relative difference of 1e-6 / norm, far below float32 noise.
+    tx = optax.chain(optax.masked(optax.clip_by_global_norm(float(clip)),
+                                  lambda params: trainable_mask(params, frozen)), tx)
   return tx, schedule

@@ -23,8 +23,16 @@ result), so a crash never leaves a result that looks complete.
   simulated dataset); with --split (default val) and optionally --registry.
 --out: default `<run folder>/predict/<checkpoints|best>_<step>`.
 
+Keypoint models (SONICHU; `sonichu_jax` experiments): `IMAGE [IMAGE ...] --task=TASK` prints
+each image's keypoints in its own pixels and the task's measurements (pixels, or degrees for the
+angle of progression), and writes into OUT
+  <image>_<task>.png   the image with the keypoints (numbered) and the measured segments
+  <image>_<task>.json  keypoints (pixels and normalised), measurements, image size, checkpoint
+
+  python -m launch.predict scan.png --task=fetal_femur --checkpoint=workdirs/sonichu_sim
+
 Model families are told apart by the package of the checkpoint config's `experiment`
-(`_FAMILIES`); a keypoint model family adds its entry point there (e.g. `IMAGE --task=...`).
+(`_FAMILIES`).
 """
 import dataclasses
 import json
@@ -38,8 +46,11 @@ from absl import app
 from absl import flags
 import h5py
 import jax
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from dualtrack_jax import metrics as metrics_lib
 from dualtrack_jax import pose
@@ -52,6 +63,8 @@ from launch import evaluate
 from launch import experiment as experiment_lib
 from launch import metric_writer
 from launch import plots
+from sonichu_jax import metrics as keypoint_metrics
+from sonichu_jax import tasks as keypoint_tasks
 
 VOLUME_FORMATS = ('nii.gz', 'nii', 'h5')
 # The metric shown in the trajectory plot's title ("GPE" of the paper's tables).
@@ -239,8 +252,103 @@ def _run_sweep_model(restored: Restored, args: list[str]) -> None:
                  max_voxels=f.max_voxels)
 
 
+def read_image(path: str) -> np.ndarray:
+  """An image file as (H, W) uint8 grayscale (colour becomes ITU-R 601 luminance, spec 3.1)."""
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert('L'))
+  except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError.
+    raise ValueError(f'{path}: cannot read the image ({e})') from e
+
+
+def _segments(task: keypoint_tasks.Task) -> list[tuple[int, int]]:
+  """The keypoint pairs drawn as segments: the measured distances, or the AoP's two arms."""
+  if task.measurement == 'angle':
+    a, vertex, b = keypoint_metrics.AOP_ANGLE_KEYPOINTS
+    return [(vertex, a), (vertex, b)]
+  return [(i, i + 1) for i in range(0, task.num_keypoints - 1, 2)]
+
+
+def keypoint_overlay(image: np.ndarray, keypoints_px: np.ndarray, task: str,
+                     measurements: dict[str, float], title: str = '') -> Figure:
+  """The grayscale image with numbered keypoints, the measured segments and the values."""
+  spec = keypoint_tasks.get_task(task)
+  h, w = image.shape
+  fig = Figure(figsize=(6.0, 6.0 * h / w + 0.6), dpi=100)
+  FigureCanvasAgg(fig)
+  ax = fig.add_axes((0.0, 0.0, 1.0, h / (h + 0.1 * w)))
+  # Pixel (i, j) covers [j, j + 1) x [i, i + 1): the keypoints' continuous coordinates.
+  ax.imshow(image, cmap='gray', vmin=0, vmax=255, extent=(0, w, h, 0), interpolation='nearest')
+  for a, b in _segments(spec):
+    ax.plot(keypoints_px[[a, b], 0], keypoints_px[[a, b], 1], '-', color='yellow', lw=1.2)
+  ax.plot(keypoints_px[:, 0], keypoints_px[:, 1], 'o', ms=4, mfc='red', mec='white', mew=0.6)
+  for k, (x, y) in enumerate(keypoints_px):
+    ax.annotate(str(k), (x, y), xytext=(3, 3), textcoords='offset points', color='cyan',
+                fontsize=7)
+  ax.set_xlim(0, w)
+  ax.set_ylim(h, 0)
+  ax.axis('off')
+  unit = {'angle': ' deg'}.get(spec.measurement, ' px')
+  values = ', '.join(f'{k} {v:.1f}{unit}' for k, v in measurements.items())
+  fig.suptitle(f'{title}\n{task}: {values}' if title else f'{task}: {values}', fontsize=8)
+  return fig
+
+
+def predict_images(restored: Restored, image_paths, task: str, *,
+                   out: str | None = None) -> dict[str, dict[str, Any]]:
+  """Keypoints and measurements of each image; writes the overlay and JSON (module docstring).
+
+  Returns:
+    {image path: {'keypoints_px', 'keypoints', 'measurements', 'image_hw'}}.
+  """
+  if not hasattr(restored.experiment, 'predict_image'):
+    raise config_utils.ConfigError(
+        f"{restored.checkpoint_dir}: config.experiment '{restored.config.experiment}' has no "
+        'predict_image method, so it cannot predict keypoints')
+  if not image_paths:
+    raise ValueError('give at least one image file: python -m launch.predict IMAGE --task=TASK')
+  spec = keypoint_tasks.get_task(task)
+  images = {path: read_image(path) for path in image_paths}  # Every file is read before any work.
+  out = out or os.path.join(restored.run_dir, 'predict', '_'.join(
+      restored.checkpoint_dir.split(os.sep)[-2:]))
+  os.makedirs(out, exist_ok=True)
+  results = {}
+  for path, image in images.items():
+    result = restored.experiment.predict_image(restored.variables, image, spec.name)
+    stem = plots.safe_filename(f'{os.path.splitext(os.path.basename(path))[0]}_{spec.name}')
+    summary = {'image': path, 'task': spec.name, 'image_hw': list(image.shape),
+               'keypoints_px': np.asarray(result['keypoints_px']).tolist(),
+               'keypoints': np.asarray(result['keypoints']).tolist(),
+               'measurements': result['measurements'], 'checkpoint': restored.checkpoint_dir,
+               'step': restored.step}
+    with open(os.path.join(out, f'{stem}.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+    keypoint_overlay(image, np.asarray(result['keypoints_px']), spec.name,
+                     result['measurements'], title=os.path.basename(path)).savefig(
+                         os.path.join(out, f'{stem}.png'))
+    rows = '\n'.join(f'  {k:>2}  {x:9.2f}  {y:9.2f}'
+                      for k, (x, y) in enumerate(summary['keypoints_px']))
+    unit = 'degrees' if spec.measurement == 'angle' else 'pixels'
+    values = '\n'.join(f'  {k}: {v:.2f} {unit}' for k, v in result['measurements'].items())
+    print(f'{path} ({image.shape[1]}x{image.shape[0]} pixels), task {spec.name}\n'
+          f'keypoints (x, y) in pixels:\n{rows}\nmeasurements:\n{values}\n'
+          f'Wrote {os.path.join(out, stem)}.png and .json\n')
+    results[path] = summary
+  return results
+
+
+def _run_keypoint_model(restored: Restored, args: list[str]) -> None:
+  f = flags.FLAGS
+  if f.task is None:
+    raise app.UsageError(f'--task is required for keypoint models; one of '
+                         f'{", ".join(keypoint_tasks.TASK_NAMES)}')
+  if f.sweep or f.dataset:
+    raise app.UsageError('Keypoint models take image files as arguments, not --sweep/--dataset')
+  predict_images(restored, args, f.task, out=f.out)
+
+
 # Prediction entry point per model package (the first component of config.experiment).
-_FAMILIES = {'dualtrack_jax': _run_sweep_model}
+_FAMILIES = {'dualtrack_jax': _run_sweep_model, 'sonichu_jax': _run_keypoint_model}
 
 
 def define_flags() -> None:
@@ -252,6 +360,7 @@ def define_flags() -> None:
   flags.DEFINE_enum('split', 'val', ['train', 'val', 'test'], 'Split of --dataset.')
   flags.DEFINE_string('registry', None, 'Dataset registry file (default: the usual lookup).')
   flags.DEFINE_string('out', None, 'Output folder (one subfolder per sweep).')
+  flags.DEFINE_string('task', None, 'Keypoint models: the task of the images, e.g. fetal_femur.')
   flags.DEFINE_float('spacing_mm', 0.5, 'Voxel size of the reconstructed volume (mm).')
   flags.DEFINE_enum('volume_format', 'nii.gz', list(VOLUME_FORMATS), 'Volume file format.')
   flags.DEFINE_enum('compounding', 'pnn', list(volume_lib.METHODS),

@@ -17,7 +17,7 @@ Config keys read by the trainer (model-specific keys are read by the experiment)
   batch_size              global batch size (all processes); divisible by the device count.
   num_epochs              run length in epochs of `Experiment.steps_per_epoch` steps ...
   total_steps             ... or in optimiser steps (overrides num_epochs when set).
-  warmup_epochs           warmup length for optim.schedule='warmup_cosine' (default 0).
+  warmup_epochs           warmup length of the schedule (default 0).
   eval_every_steps        evaluate every this many steps, or
   eval_every_epochs       every this many epochs (default: only after the last step).
   log_every_steps         console line and TensorBoard scalars (default 50).
@@ -26,8 +26,12 @@ Config keys read by the trainer (model-specific keys are read by the experiment)
   best_metric, best_mode  evaluation metric whose best value ('min' or 'max') keeps its
                           variables under best/ (no best/ when best_metric is empty).
   optim                   lr, weight_decay (0), b1 (0.9), b2 (0.999), eps (1e-8),
-                          grad_clip_norm (None = off), schedule ('warmup_cosine' | 'cosine' |
-                          'constant'); AdamW as torch.optim.AdamW.
+                          grad_clip_norm (None = off), schedule ('warmup_cosine' (the
+                          original DualTrack's) | 'linear_warmup_cosine' | 'cosine' | 'constant'),
+                          no_decay (regexes of paths without weight decay), sparse_groups
+                          (regexes whose first group names a group, e.g. one head per task, that
+                          gets no update at all in a step where its gradients are all zero);
+                          AdamW as torch.optim.AdamW.
   frozen                  regexes over '/'-joined parameter paths (re.fullmatch) that are not
                           trained (no update, no weight decay), e.g. ('cnn/.*',).
   fsdp, fsdp_min_size_mb  shard state leaves >= fsdp_min_size_mb (default 4) over the devices.
