@@ -244,7 +244,7 @@ def from_torch(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any]
   """Flax variables in the structure of `template` from a torch state dict, strictly.
 
   Args:
-    state_dict: torch key -> array in torch layout (e.g. `torch_io.load_state_dict`), of the
+    state_dict: torch key -> array in torch layout (e.g. `launch.torch_io.load_state_dict`), of the
       model (or block) that `table` describes, without any extra prefix.
     template: the variables being filled ({'params', 'batch_stats'}), e.g.
       `jax.eval_shape(model.init, ...)`; leaves give the shapes and dtypes (values are cast).

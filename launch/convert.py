@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 
 from dualtrack_jax import convert
-from dualtrack_jax import torch_io
+from launch import torch_io
 from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import local_encoder
 from launch import checkpointing

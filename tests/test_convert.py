@@ -21,7 +21,6 @@ import pytest
 
 import dualtrack_goldens
 from dualtrack_jax import convert
-from dualtrack_jax import torch_io
 from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import local_encoder
 from dualtrack_jax.models import resnet2d
@@ -30,6 +29,7 @@ from dualtrack_jax.models import transformer
 from launch import checkpointing
 from launch import config_utils
 from launch import convert as convert_cli
+from launch import torch_io
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'torch_io')
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
@@ -466,8 +466,10 @@ def test_cli_from_torch_writes_a_run_folder(tmp_path):
   variables, config = checkpointing.restore_variables(
       directory, step, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   assert config['experiment'] == 'dualtrack_jax.experiments.local_stage1'
+  # The original's head has no output scaling: identity standardisation.
   assert config['model'] == {'widths': [3, 4, 5, 6], 'stem_width': 2,
-                             'temporal_kernels': [3, 3, 3, 3]}
+                             'temporal_kernels': [3, 3, 3, 3], 'target_mean': [0.0] * 6,
+                             'target_std': [1.0] * 6}
   assert config['data']['crop'] == [256, 256]  # the rest is configs/dualtrack/local_stage1.py
   state = torch_io.load_state_dict(source)
   params, stats = variables['params'], variables['batch_stats']

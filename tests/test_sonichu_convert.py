@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from launch import torch_io
 from sonichu_jax import convert
 from sonichu_jax.models import sonichu
 from sonichu_jax.models.heads import ViTPoseHead
@@ -43,13 +44,13 @@ def _assert_close(actual, expected):
 
 
 def test_timm_backbone_matches_timm(goldens, vit_apply):
-  params = convert.backbone_from_timm(convert.read_safetensors(_fixture('timm_vit.safetensors')),
+  params = convert.backbone_from_timm(torch_io.read_safetensors(_fixture('timm_vit.safetensors')),
                                       (4, 4))
   _assert_close(vit_apply({'params': params}, goldens['images']), goldens['timm/features'])
 
 
 def test_ijepa_encoders_match_ijepa(goldens, vit_apply):
-  checkpoint = convert.read_checkpoint(_fixture('ijepa.pth'))
+  checkpoint = torch_io.read_checkpoint(_fixture('ijepa.pth'))
   for encoder, name in (('target_encoder', 'target'), ('encoder', 'encoder')):
     params = convert.backbone_from_ijepa(checkpoint, (4, 4), encoder=encoder)
     _assert_close(vit_apply({'params': params}, goldens['images']),
@@ -62,7 +63,7 @@ def test_ijepa_encoders_match_ijepa(goldens, vit_apply):
 
 
 def test_timm_class_token_dropped_and_position_table_resampled(goldens):
-  params = convert.backbone_from_timm(convert.read_safetensors(_fixture('timm_cls.safetensors')),
+  params = convert.backbone_from_timm(torch_io.read_safetensors(_fixture('timm_cls.safetensors')),
                                       (4, 4))
   _assert_close(params['pos_embed'], goldens['timm_cls/pos_embed_4x4'])
   assert set(params) == {'patch_embed', 'pos_embed', 'blocks_0', 'norm'}
@@ -71,7 +72,7 @@ def test_timm_class_token_dropped_and_position_table_resampled(goldens):
 
 
 def test_vitpose_backbone_and_head_match_mmpose_layout(goldens):
-  checkpoint = convert.read_checkpoint(_fixture('vitpose.pth'))
+  checkpoint = torch_io.read_checkpoint(_fixture('vitpose.pth'))
   vit = VisionTransformer(patch_padding=2, **TINY)
   params = convert.backbone_from_vitpose(checkpoint, (4, 3))
   features = vit.apply({'params': params}, goldens['vitpose/images'])
@@ -83,7 +84,7 @@ def test_vitpose_backbone_and_head_match_mmpose_layout(goldens):
 
 
 def test_vitpose_head_into_a_task_with_another_keypoint_count(goldens):
-  checkpoint = convert.read_checkpoint(_fixture('vitpose.pth'))
+  checkpoint = torch_io.read_checkpoint(_fixture('vitpose.pth'))
   head = ViTPoseHead(4, filters=16)
   features = np.zeros((1, 4, 3, 32), np.float32)
   template = jax.eval_shape(head.init, jax.random.key(0), features)
@@ -102,7 +103,7 @@ def test_vitpose_head_into_a_task_with_another_keypoint_count(goldens):
 def tiny_sonichu():
   model = sonichu.SonichuModel(tasks=('FUGC', 'HC'), head_filters=16, **TINY)
   template = sonichu.abstract_variables(model, (64, 64))
-  state_dict = convert.read_safetensors(_fixture('sonichu_tiny.safetensors'))
+  state_dict = torch_io.read_safetensors(_fixture('sonichu_tiny.safetensors'))
   return model, template, state_dict
 
 
@@ -135,14 +136,14 @@ def test_sonichu_export_round_trip(tmp_path, tiny_sonichu):
     else:
       np.testing.assert_array_equal(exported[key], value, err_msg=key)
   path = str(tmp_path / 'model.safetensors')
-  convert.write_safetensors(path, exported, metadata={'format': 'pt'})
+  torch_io.write_safetensors(path, exported, metadata={'format': 'pt'})
   with open(path, 'rb') as f:
     n = int.from_bytes(f.read(8), 'little')
     header = json.loads(f.read(n))
   assert n % 8 == 0 and header['__metadata__'] == {'format': 'pt'}
   entry = header['backbone.pos_embed']
   assert entry['dtype'] == 'F32' and entry['shape'] == [1, 16, 32]
-  again = convert.read_safetensors(path)
+  again = torch_io.read_safetensors(path)
   assert list(again) == list(exported)
   jax.tree.map(np.testing.assert_array_equal, again, exported)
 
@@ -153,24 +154,24 @@ def test_safetensors_dtypes_and_errors(tmp_path):
              'b': np.array([1.5, -2.0], ml_dtypes.bfloat16), 'c': np.array(7, np.int64),
              'd': np.array([True, False])}
   path = str(tmp_path / 'x.safetensors')
-  convert.write_safetensors(path, tensors)
-  again = convert.read_safetensors(path)
+  torch_io.write_safetensors(path, tensors)
+  again = torch_io.read_safetensors(path)
   for k, v in tensors.items():
     assert again[k].dtype == v.dtype and again[k].shape == v.shape
     np.testing.assert_array_equal(again[k], v)
   with pytest.raises(ValueError, match="tensor 'e' has unsupported dtype complex64"):
-    convert.write_safetensors(path, {'e': np.zeros(2, np.complex64)})
+    torch_io.write_safetensors(path, {'e': np.zeros(2, np.complex64)})
   raw = open(path, 'rb').read()
   truncated = str(tmp_path / 'truncated.safetensors')
   open(truncated, 'wb').write(raw[:-4])
   # Data are laid out by element size: c (8 bytes), a (12), b (4), d (2); a cut of 4 bytes breaks b.
   with pytest.raises(ValueError, match=r"truncated.safetensors: tensor 'b' of BF16\[2\] has byte "
                                        r'range \[20, 24\) in a data section of 22 bytes'):
-    convert.read_safetensors(truncated)
+    torch_io.read_safetensors(truncated)
   garbage = str(tmp_path / 'garbage.safetensors')
   open(garbage, 'wb').write(b'\xff' * 16)
   with pytest.raises(ValueError, match='garbage.safetensors: not a safetensors file'):
-    convert.read_safetensors(garbage)
+    torch_io.read_safetensors(garbage)
 
 
 def test_strict_import_names_missing_unused_and_misshapen_keys(tiny_sonichu):
@@ -188,7 +189,7 @@ def test_strict_import_names_missing_unused_and_misshapen_keys(tiny_sonichu):
   assert ('backbone.blocks.1.mlp.fc1.weight: (128, 31) (as Flax (31, 128)), expected Flax '
           'backbone/blocks_1/mlp/fc1/kernel (32, 128)') in message
   # A timm checkpoint of another variant (layer scale) is refused, not silently half-loaded.
-  timm = convert.read_safetensors(_fixture('timm_vit.safetensors'))
+  timm = torch_io.read_safetensors(_fixture('timm_vit.safetensors'))
   with pytest.raises(ValueError, match=r'timm state dict: 1 tensors would be unused: '
                                        r'blocks.0.ls1.gamma'):
     convert.backbone_from_timm({**timm, 'blocks.0.ls1.gamma': np.ones(32, np.float32)}, (4, 4))

@@ -1,7 +1,10 @@
-"""PyTorch checkpoints (`torch.save`) as NumPy arrays: read without torch, write with it.
+"""PyTorch weight files as NumPy arrays: `torch.save` files (read without torch, written with it)
+and `.safetensors` files (read and written without either package).
 
 `load_state_dict(path)` gives a model's state dict (raw, or the 'model' entry of a training
 checkpoint); `load(path)` gives any checkpoint's whole object; `save_state_dict` writes one (torch).
+`read_safetensors` / `write_safetensors` handle safetensors; `read_checkpoint` takes either.
+These live in launch/ because both model packages need them and never import each other.
 
 Format: the zip container of `torch.save` since torch 1.6: `<name>/data.pkl` is the pickled
 object, and every tensor storage is the raw bytes of `<name>/data/<key>`.
@@ -24,6 +27,7 @@ import collections
 from collections.abc import Iterator, Mapping
 import contextlib
 import dataclasses
+import json
 import os
 import pickle
 import re
@@ -348,3 +352,86 @@ def save_state_dict(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors: an 8-byte little-endian header length, a JSON header, raw little-endian bytes; a few
+# lines of NumPy (memory-mapped), so neither the `safetensors` package nor torch is needed.
+
+_ST_DTYPES = {
+    'F64': np.dtype('<f8'), 'F32': np.dtype('<f4'), 'F16': np.dtype('<f2'),
+    'BF16': np.dtype(ml_dtypes.bfloat16), 'I64': np.dtype('<i8'), 'I32': np.dtype('<i4'),
+    'I16': np.dtype('<i2'), 'I8': np.dtype('i1'), 'U8': np.dtype('u1'), 'BOOL': np.dtype('?'),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Reads a .safetensors file into NumPy arrays (the `__metadata__` entry is skipped)."""
+  path = os.fspath(path)
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    head = f.read(8)
+    n = int.from_bytes(head, 'little') if len(head) == 8 else -1
+    if not 2 <= n <= size - 8:
+      raise ValueError(f'{path}: not a safetensors file (header length {n}, file size {size})')
+    try:
+      header = json.loads(f.read(n))
+    except ValueError as e:
+      raise ValueError(f'{path}: safetensors header is not JSON: {e}') from None
+  # np.memmap refuses an empty mapping (a file without tensors).
+  data = np.zeros(0, np.uint8)
+  if size > 8 + n:
+    data = np.memmap(path, np.uint8, mode='r', offset=8 + n)
+  out = {}
+  for key, info in header.items():
+    if key == '__metadata__':
+      continue
+    try:
+      dtype, shape = _ST_DTYPES[info['dtype']], tuple(info['shape'])
+      begin, end = info['data_offsets']
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f'{path}: bad safetensors header entry {key!r}: {info!r}') from None
+    if end - begin != dtype.itemsize * int(np.prod(shape)) or not 0 <= begin <= end <= data.size:
+      raise ValueError(f'{path}: tensor {key!r} of {info["dtype"]}{list(shape)} has byte range '
+                       f'[{begin}, {end}) in a data section of {data.size} bytes')
+    # One copy out of the mapping, in native byte order.
+    out[key] = np.array(data[begin:end].view(dtype).reshape(shape), dtype=dtype.newbyteorder('='))
+  return out
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+  """Writes NumPy arrays as a .safetensors file (header in the given key order).
+
+  As the `safetensors` package does, the data are laid out by decreasing element size, so that
+  every tensor starts at a multiple of its element size.
+  """
+  arrays = {}
+  for key, value in tensors.items():
+    value = np.asarray(value)
+    name = _ST_NAMES.get(value.dtype.newbyteorder('<') if value.dtype.itemsize > 1 else value.dtype)
+    if name is None:
+      raise ValueError(f'write_safetensors: tensor {key!r} has unsupported dtype {value.dtype}')
+    arrays[key] = (name, value)
+  offsets, offset = {}, 0
+  for key in sorted(arrays, key=lambda k: -arrays[k][1].dtype.itemsize):  # A stable sort.
+    offsets[key] = [offset, offset + arrays[key][1].nbytes]
+    offset += arrays[key][1].nbytes
+  header = {'__metadata__': dict(metadata)} if metadata else {}
+  for key, (name, value) in arrays.items():
+    header[key] = {'dtype': name, 'shape': list(value.shape), 'data_offsets': offsets[key]}
+  raw = json.dumps(header, separators=(',', ':')).encode()
+  raw += b' ' * (-len(raw) % 8)  # The format pads the header with spaces to 8-byte alignment.
+  with open(path, 'wb') as f:
+    f.write(len(raw).to_bytes(8, 'little'))
+    f.write(raw)
+    for key in offsets:
+      name, value = arrays[key]
+      f.write(np.ascontiguousarray(value.astype(_ST_DTYPES[name])).tobytes())
+
+
+def read_checkpoint(path: str) -> Any:
+  """A .safetensors file as a flat dict, or a torch.save file as its unpickled object (no torch)."""
+  path = os.fspath(path)
+  return read_safetensors(path) if path.endswith('.safetensors') else load(path)
