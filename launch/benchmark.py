@@ -6,6 +6,12 @@ Benchmarks:
   train      training throughput of a config's experiment: compile time (AOT) separately, then the
              median and p90 step time and frames per second over --steps warm steps. The same global
              batch is fed every step, so data loading is not counted.
+  inference  a model's inference (--model, registered in launch/bench_inference.py; what is timed
+             and how memory and FLOP are measured is in its docstring) for each of --frames and
+             --dtype: compile time, warm latency median and p90 over --steps calls, frames/s,
+             peak memory, achieved FLOP/s; with --original=PATH also the original PyTorch model
+             (same weights, same input; outputs compared first) in this process, eager and with
+             --torch_compile, and the ratios. Needs torch importable only with --original.
 
 Examples:
   python -m launch.benchmark --bench=simulator
@@ -13,6 +19,12 @@ Examples:
   python -m launch.benchmark --bench=train --config=configs/dualtrack/local_stage1.py:sim
   python -m launch.benchmark --bench=train --config=configs/dualtrack/local_stage1.py \
       --config.data.dataset=synthetic --config.data.synthetic.num_train=2 ...
+  python -m launch.benchmark --bench=inference --model=dualtrack --frames=64,600 \
+      --dtype=float32,bfloat16 --steps=5
+  python -m launch.benchmark --bench=inference --model=dualtrack --frames=64 --steps=3 \
+      --original=/path/to/DualTrack --torch_compile
+  python -m launch.benchmark --bench=inference --model=dualtrack --preset=tus_rec_2025 \
+      --frames=4096 --tile=64 --steps=1
 """
 import functools
 import platform
@@ -29,16 +41,32 @@ from dualtrack_jax.data import pipeline
 from dualtrack_jax.data import registry
 from dualtrack_jax.data import simulator
 from dualtrack_jax.data import transforms
+from launch import bench_inference
 from launch import experiment as experiment_lib
 from launch import optim
 from launch import sharding
 from launch import trainer
 
-_BENCH = flags.DEFINE_enum('bench', None, ['simulator', 'pipeline', 'train'],
+_BENCH = flags.DEFINE_enum('bench', None, ['simulator', 'pipeline', 'train', 'inference'],
                            'What to measure.')
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:arg] for --bench=train.',
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed repetitions (steps, sweeps or batches).')
+_MODEL = flags.DEFINE_enum('model', None, sorted(bench_inference.MODELS),
+                           '--bench=inference: the model.')
+_FRAMES = flags.DEFINE_list('frames', ['64'], '--bench=inference: input sizes (frames per sweep).')
+_DTYPE = flags.DEFINE_list('dtype', ['float32'], '--bench=inference: our compute dtypes '
+                           '(float32, bfloat16); the original runs in float32.')
+_PRESET = flags.DEFINE_string('preset', None, '--bench=inference: released configuration '
+                              '(dualtrack: tus_rec_2024 (default) or tus_rec_2025).')
+_TILE = flags.DEFINE_integer('tile', None, '--bench=inference: exact temporal tiling of the '
+                             'local CNN in tiles of this many frames (bounds memory).')
+_ORIGINAL = flags.DEFINE_string('original', None, '--bench=inference: checkout of the original '
+                                'code, timed in this process on the same weights and input.')
+_TORCH_COMPILE = flags.DEFINE_bool('torch_compile', False, '--bench=inference: also time the '
+                                   'original under torch.compile.')
+_COMPILE_ONLY = flags.DEFINE_bool('compile_only', False, '--bench=inference: only compile ours '
+                                  "and report XLA's FLOP and memory analyses.")
 flags.mark_flag_as_required('bench')
 
 # TUS-REC frames: 480x640 pixels of 0.229 x 0.221 mm.
@@ -116,10 +144,28 @@ def bench_train(config, steps: int) -> None:
         (f'; {flops / median / 1e9:.1f} GFLOP/s achieved' if flops else ''))
 
 
+def inference_options() -> bench_inference.Options:
+  """`bench_inference.Options` from the flags."""
+  try:
+    sizes = tuple(int(f) for f in _FRAMES.value)
+  except ValueError as e:
+    raise app.UsageError(f'--frames must be integers, got {_FRAMES.value}') from e
+  if _TORCH_COMPILE.value and not _ORIGINAL.value:
+    raise app.UsageError('--torch_compile times the original: it needs --original')
+  return bench_inference.Options(
+      sizes=sizes, dtypes=tuple(_DTYPE.value), steps=_STEPS.value, preset=_PRESET.value,
+      tile=_TILE.value, original=_ORIGINAL.value, torch_compile=_TORCH_COMPILE.value,
+      compile_only=_COMPILE_ONLY.value)
+
+
 def main(argv) -> None:
   del argv
   print(_environment())
-  if _BENCH.value == 'simulator':
+  if _BENCH.value == 'inference':
+    if _MODEL.value is None:
+      raise app.UsageError('--bench=inference needs --model')
+    bench_inference.run(_MODEL.value, inference_options())
+  elif _BENCH.value == 'simulator':
     bench_simulator(_STEPS.value)
   elif _BENCH.value == 'pipeline':
     bench_pipeline(_STEPS.value)

@@ -1,0 +1,148 @@
+"""DualTrack whole-sweep inference cases for `launch.bench_inference` (`--model=dualtrack`).
+
+One case per sweep length N: `DualTrack(**preset)` on a batch of one sweep, i.e. what
+`launch.predict` runs per sweep after preprocessing: local frames (1, N, 256, 256) and the
+global encoder's frames (1, M, 224, 224) at `regular_grid_indices(N)`, float32 in [0, 1). The
+original receives all N global frames, as its `DualTrack.forward` does (it gathers the M itself),
+channels-first: (1, N, 1, 256, 256) and (1, N, 1, 224, 224).
+
+Weights are seeded noise with activation-preserving scales (not a training result: speed does
+not depend on the values); with `original`, they are converted by `convert.to_torch` and loaded
+strictly into the original's own builder (`get_model(config_path=configs/model/<preset>.yaml)`),
+so both sides run the same weights, and every side's poses are compared with the original's.
+`tile=T` runs the local 3D CNN in exact temporal tiles of T frames (`cnn_chunking=
+'exact_tiling'`), which bounds its memory without changing the result.
+"""
+from collections.abc import Iterator, Mapping
+import dataclasses
+import functools
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dualtrack_jax import convert
+from dualtrack_jax.models import dualtrack
+from launch import bench_inference
+
+# --preset -> (our keyword arguments, the original's model config file).
+PRESETS = {
+    'tus_rec_2024': (dualtrack.TUS_REC_2024, 'configs/model/dualtrack.yaml'),
+    'tus_rec_2025': (dualtrack.TUS_REC_2025, 'configs/model/dualtrack_ft_tus_rec_2025.yaml'),
+}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Frame sizes of the two encoders (the released model's by default)."""
+  local_hw: tuple[int, int] = (256, 256)
+  global_hw: tuple[int, int] = (224, 224)
+
+
+def random_variables(model: dualtrack.DualTrack, local: np.ndarray, global_: np.ndarray,
+                     seed: int) -> dict[str, Any]:
+  """Seeded float32 noise in the model's tree, scaled to keep activations O(1).
+
+  Shapes come from `jax.eval_shape` (compiling the initialisers of the full model takes long on
+  CPU). Kernels N(0, 1 / fan_in); norm scales 1 + N(0, 0.1^2); biases and BN means N(0, 0.1^2);
+  BN variances U(0.5, 2); embeddings and position tables N(0, 0.5^2).
+  """
+  shapes = jax.eval_shape(model.init, jax.random.key(0), local, global_)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name == 'var':
+      return rng.uniform(0.5, 2.0, shape).astype(np.float32)
+    if name == 'kernel':
+      std = 1.0 / np.sqrt(np.prod(shape[:-1]))
+    elif name in ('embedding', 'cls_token', 'position_embeddings'):
+      std = 0.5
+    else:  # bias, mean, scale
+      std = 0.1
+    return (std * rng.standard_normal(shape) + (name == 'scale')).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _original_model(path: str, config_file: str, state_dict: Mapping[str, np.ndarray]):
+  """The original's model built by its own registry from its config, with our weights, eval mode."""
+  path = os.path.abspath(path)
+  config = os.path.join(path, config_file)
+  if not os.path.isfile(config):
+    raise ValueError(f'--original={path}: {config_file} not found (not a DualTrack checkout)')
+  if path not in sys.path:
+    sys.path.insert(0, path)
+  import torch  # Only with --original.
+  from src.models import model_registry  # The original's package, from `path`.
+
+  module = model_registry.get_model(config_path=config)
+  module.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
+  return module.eval()
+
+
+def cases(options: bench_inference.Options, *, geometry: Geometry = Geometry(),
+          overrides: Mapping[str, Any] | None = None) -> Iterator[bench_inference.Case]:
+  """The cases of `options` (one per sweep length).
+
+  Args:
+    options: sizes are sweep lengths; preset defaults to 'tus_rec_2024'.
+    geometry: frame sizes (smaller ones with `overrides` give a reduced model, for tests).
+    overrides: `DualTrack` attributes replacing the preset's (reduced widths); not with
+      `options.original`, whose builder has the released sizes.
+  """
+  preset_name = options.preset or 'tus_rec_2024'
+  if preset_name not in PRESETS:
+    raise ValueError(f'--preset={preset_name!r}: unknown; known: {sorted(PRESETS)}')
+  unknown = sorted(set(options.dtypes) - set(DTYPES))
+  if unknown:
+    raise ValueError(f'--dtype: unknown {unknown}; known: {sorted(DTYPES)}')
+  if overrides and options.original:
+    raise ValueError('bench_dualtrack: overrides change the model; the original cannot follow')
+  preset, config_file = PRESETS[preset_name]
+  kwargs = {**preset, **(overrides or {})}
+  one_pass = {}
+  if options.tile is not None:
+    # FLOP are counted on the one-pass model: the useful work (tiles also recompute halos).
+    whole = {**kwargs, 'cnn_chunking': None, 'max_subsequence': None}
+    one_pass = {name: functools.partial(_apply, dualtrack.DualTrack(**whole, dtype=DTYPES[name]))
+                for name in options.dtypes}
+    kwargs.update(cnn_chunking='exact_tiling', max_subsequence=options.tile)
+  models = {name: dualtrack.DualTrack(**kwargs, dtype=DTYPES[name]) for name in options.dtypes}
+  reference = dualtrack.DualTrack(**kwargs)
+  rng = np.random.default_rng(options.seed)
+  local_shape, global_shape = (1, 2, *geometry.local_hw), (1, 1, *geometry.global_hw)
+  variables = random_variables(reference, np.zeros(local_shape, np.float32),
+                               np.zeros(global_shape, np.float32), options.seed)
+  torch_module = None
+  if options.original:
+    torch_module = _original_model(options.original, config_file,
+                                   convert.to_torch(variables, convert.DUALTRACK))
+  tiling = f', exact tiles of {options.tile} frames' if options.tile else ''
+  for num_frames in options.sizes:
+    local = rng.random((1, num_frames, *geometry.local_hw), np.float32)
+    global_all = rng.random((1, num_frames, *geometry.global_hw), np.float32)
+    global_ = global_all[:, dualtrack.regular_grid_indices(num_frames, reference.grid_spacing)]
+    torch_inputs = ()
+    if torch_module is not None:
+      import torch  # Only with --original.
+      torch_inputs = (torch.from_numpy(global_all[:, :, None]), torch.from_numpy(local[:, :, None]))
+    yield bench_inference.Case(
+        label=(f'dualtrack {preset_name}, {num_frames} frames (local '
+               f'{"x".join(map(str, geometry.local_hw))}, global '
+               f'{"x".join(map(str, geometry.global_hw))}, {global_.shape[1]} global frames)'
+               f'{tiling}'),
+        items=num_frames, item_name='frames', inputs=(local, global_),
+        variants=tuple(bench_inference.Variant(name, functools.partial(_apply, models[name]),
+                                               variables, one_pass.get(name))
+                       for name in options.dtypes),
+        torch_module=torch_module, torch_inputs=torch_inputs,
+        to_numpy=lambda poses: poses.float().numpy())
+
+
+def _apply(model: dualtrack.DualTrack, variables, local, global_):
+  return model.apply(variables, local, global_)
