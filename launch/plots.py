@@ -36,20 +36,23 @@ def trajectory_figure(pred_global, gt_global, *, title: str = '', pixel_to_image
 
   Args:
     pred_global: (N, 4, 4) predicted global transforms (G_0 = I).
-    gt_global: (N, 4, 4) ground-truth global transforms.
+    gt_global: (N, 4, 4) ground-truth global transforms, or None (prediction only).
     title: figure title (e.g. the sweep id and its errors).
     pixel_to_image: optional (4, 4) pixel -> image (mm) matrix; with `image_shape` the image centre
       (instead of the frame origin) is plotted, and frame outlines can be drawn.
     image_shape: optional (H, W).
     outline_every: draw the frame outline every this many frames (0 = none; needs the two above).
   """
-  pred = trajectory_points(pred_global, pixel_to_image, image_shape)
-  gt = trajectory_points(gt_global, pixel_to_image, image_shape)
+  curves = [(trajectory_points(pred_global, pixel_to_image, image_shape), 'tab:orange',
+             'predicted')]
+  if gt_global is not None:
+    curves.insert(0, (trajectory_points(gt_global, pixel_to_image, image_shape), 'tab:blue',
+                      'true'))
   fig = Figure(figsize=(12, 4.2), dpi=80)
   FigureCanvasAgg(fig)
   for panel, (a, b) in enumerate(_PROJECTIONS):
     ax = fig.add_subplot(1, 3, panel + 1)
-    for points, color, label in ((gt, 'tab:blue', 'true'), (pred, 'tab:orange', 'predicted')):
+    for points, color, label in curves:
       ax.plot(points[:, 0, a], points[:, 0, b], color=color, label=label, lw=1.5)
       ax.plot(points[0, 0, a], points[0, 0, b], 'o', color=color, ms=4)
       if outline_every and pixel_to_image is not None and image_shape is not None:

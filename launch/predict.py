@@ -11,6 +11,8 @@ Sweep models (DualTrack; `dualtrack_jax` experiments): for each sweep, `OUT/<swe
   metrics.json    every metric of `dualtrack_jax.metrics.sweep_metrics` against the file's
                   tracking (DDF on 5 points and on all pixels, MAE, drift; with landmarks in the
                   file also the TUS-REC GPE/GLE/LPE/LLE and scores), also printed as a table.
+A sweep without `tracking` (no ground truth: what a sensorless user has) gets everything but the
+metrics; poses.h5 then has no tracked transforms and the plot shows the prediction alone.
 Each folder is written under a temporary name and renamed when complete (replacing an earlier
 result), so a crash never leaves a result that looks complete.
 
@@ -123,7 +125,7 @@ def sweep_inputs(restored: Restored, sweep_paths=(), dataset: str | None = None,
     inputs = [(os.path.splitext(os.path.basename(p))[0], os.fspath(p)) for p in sweep_paths]
   folders = {}
   for sweep_id, path in inputs:
-    sweeps.validate_sweep(path)
+    sweeps.validate_sweep(path, require_tracking=False)
     folder = plots.safe_filename(sweep_id)
     if folder in folders:
       raise ValueError(f'{path} and {folders[folder]} would both write to the folder {folder!r}; '
@@ -149,6 +151,8 @@ def _write_poses(path: str, vectors, relative, pred_global, gt_global, pixel_to_
          "the file's tracking as global transforms, T_0^-1 T_i (mm), for comparison"),
         ('pixel_to_image', pixel_to_image, "the sweep file's pixel -> image mm matrix"))
     for key, value, meaning in items:
+      if value is None:  # No tracking in the sweep file.
+        continue
       f.create_dataset(key, data=np.asarray(value, np.float64))
       f[key].attrs['meaning'] = meaning
 
@@ -165,14 +169,19 @@ def _sweep_outputs(restored: Restored, sweep_id: str, reader: sweeps.SweepReader
                      f'({n - 1}, 6) finite values for {n} frames')
   relative = pose.pose_vector_to_matrix(vectors)
   pred = pose.compose_relative(relative)
-  gt = pose.global_transforms(reader.tracking)
-  metrics = metrics_lib.sweep_metrics(pred, gt, pixel_to_image, image_hw, all_pixels=True,
-                                      landmarks=reader.landmarks)
+  tracking = reader.tracking
+  if tracking is None:
+    gt, metrics = None, {}
+  else:
+    gt = pose.global_transforms(tracking)
+    metrics = metrics_lib.sweep_metrics(pred, gt, pixel_to_image, image_hw, all_pixels=True,
+                                        landmarks=reader.landmarks)
   _write_poses(os.path.join(out, 'poses.h5'), vectors, relative, pred, gt, pixel_to_image,
                sweep=reader.path, checkpoint=restored.checkpoint_dir, step=restored.step)
+  title = (f'{sweep_id}: GPE (5 points) {metrics[_TITLE_METRIC]:.2f} mm' if metrics
+           else f'{sweep_id} (no tracking in the file)')
   plots.trajectory_figure(
-      pred, gt, title=f'{sweep_id}: GPE (5 points) {metrics[_TITLE_METRIC]:.2f} mm',
-      pixel_to_image=pixel_to_image, image_shape=image_hw).savefig(
+      pred, gt, title=title, pixel_to_image=pixel_to_image, image_shape=image_hw).savefig(
           os.path.join(out, 'trajectory.png'))
 
   with h5py.File(reader.path, 'r') as f:
@@ -188,9 +197,11 @@ def _sweep_outputs(restored: Restored, sweep_id: str, reader: sweeps.SweepReader
                            volume.mask.astype(np.uint8), volume.grid, description='coverage')
   volume_lib.slices_figure(volume, title=where).savefig(os.path.join(out, 'slices.png'))
 
-  with open(os.path.join(out, 'metrics.json'), 'w') as f:
-    json.dump({'sweep_id': sweep_id, 'sweep': reader.path, 'checkpoint': restored.checkpoint_dir,
-               'step': restored.step, 'metrics': metrics}, f, indent=2, sort_keys=True)
+  if metrics:
+    with open(os.path.join(out, 'metrics.json'), 'w') as f:
+      json.dump({'sweep_id': sweep_id, 'sweep': reader.path,
+                 'checkpoint': restored.checkpoint_dir, 'step': restored.step,
+                 'metrics': metrics}, f, indent=2, sort_keys=True)
   return metrics
 
 
@@ -230,7 +241,7 @@ def predict_sweeps(restored: Restored, *, sweep_paths=(), dataset: str | None = 
     tmp = os.path.join(out, f'.{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:12]}')
     os.mkdir(tmp)
     try:
-      with sweeps.SweepReader(path) as reader:
+      with sweeps.SweepReader(path, require_tracking=False) as reader:
         results[sweep_id] = _sweep_outputs(
             restored, sweep_id, reader, tmp, spacing_mm=spacing_mm, volume_format=volume_format,
             compounding=compounding, max_voxels=max_voxels)
@@ -238,7 +249,9 @@ def predict_sweeps(restored: Restored, *, sweep_paths=(), dataset: str | None = 
     finally:
       if os.path.isdir(tmp):
         shutil.rmtree(tmp)
-    print(f'{sweep_id} ({path})\n{evaluate.format_table(results[sweep_id])}\nWrote {final}\n')
+    table = (evaluate.format_table(results[sweep_id]) if results[sweep_id]
+             else 'no tracking in the file: no metrics')
+    print(f'{sweep_id} ({path})\n{table}\nWrote {final}\n')
   return results
 
 

@@ -160,6 +160,27 @@ def test_volume_is_compounded_at_the_predicted_poses(run, restored, tmp_path):
     np.testing.assert_array_equal(f['origin'][()], expected.grid.origin)
 
 
+def test_sweep_without_tracking_gets_poses_and_volume_but_no_metrics(run, restored, tmp_path):
+  _, path = run
+  sensorless = str(tmp_path / 'sensorless.h5')
+  with h5py.File(path, 'r') as src, h5py.File(sensorless, 'w') as dst:
+    for key in src:
+      if key != sweeps.TRACKING:
+        src.copy(key, dst)
+  out = str(tmp_path / 'out')
+  results = predict.predict_sweeps(restored, sweep_paths=[sensorless], out=out, spacing_mm=0.5,
+                                   volume_format='h5')
+  assert results == {'sensorless': {}}
+  folder = os.path.join(out, 'sensorless')
+  assert sorted(os.listdir(folder)) == ['poses.h5', 'slices.png', 'trajectory.png', 'volume.h5']
+  with h5py.File(os.path.join(folder, 'poses.h5'), 'r') as f:
+    assert 'tracking_global_transforms' not in f
+    vectors = f['relative_pose_vectors'][()]
+  with sweeps.SweepReader(path) as reader:  # The same frames with tracking: the same poses.
+    np.testing.assert_allclose(
+        vectors, restored.experiment.predict_sweep(restored.variables, reader), atol=1e-12)
+
+
 def test_dataset_input_reruns_replace_and_failures_leave_nothing(run, restored, tmp_path):
   _, path = run
   csv = str(tmp_path / 'sweeps.csv')

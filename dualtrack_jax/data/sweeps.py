@@ -241,14 +241,15 @@ def write_sweep(path: str | os.PathLike, *, images: np.ndarray, tracking: np.nda
       f.create_dataset(key, data=value, chunks=chunks)
 
 
-def validate_sweep(path: str | os.PathLike) -> None:
+def validate_sweep(path: str | os.PathLike, *, require_tracking: bool = True) -> None:
   """Raises SweepFileError (naming file and key) unless `path` is a well-formed sweep.
 
-  Reads no pixels: cheap even for sweeps of thousands of frames.
+  Reads no pixels: cheap even for sweeps of thousands of frames. `require_tracking=False` accepts
+  sweeps without ground truth (a present tracking is still checked).
   """
   path = os.fspath(path)
   with _open_h5(path) as f:
-    _validate_handle(path, f)
+    _validate_handle(path, f, require_tracking)
 
 
 class SweepReader:
