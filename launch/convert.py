@@ -1,4 +1,4 @@
-r"""Converts DualTrack checkpoints between the original PyTorch code and ours.
+r"""Converts DualTrack and SONICHU checkpoints between PyTorch files and our run folders.
 
   python -m launch.convert --from=dualtrack_final.pt --to=workdirs/dualtrack_2024 \
       --model=tus_rec_2024
@@ -14,7 +14,10 @@ and everything else that reads a run's best checkpoint use it. --model:
                 released models' evaluation inputs (global: full frame resized, raw [0, 1]);
   local_stage1  a stage-1 `VideoResnetTrackingEstimator`; the CNN's widths and temporal kernels
                 are read from the checkpoint, the rest of the config is
-                configs/dualtrack/local_stage1.py.
+                configs/dualtrack/local_stage1.py;
+  sonichu       a SONICHU-124M file in the SONICHU layout (.safetensors or torch.save: timm
+                backbone names under `backbone.`, mmpose head names under `heads.{task}.`), with
+                the config of configs/sonichu/keypoints.py.
 The conversion is strict (every tensor used, every shape checked). --allow_reinit=REGEX
 re-initialises, with a log line each, the tensors whose torch key matches and whose shape differs:
   --model=tus_rec_2025 --allow_reinit='pos_emb|distance_embedding'
@@ -44,14 +47,17 @@ import ml_collections
 import numpy as np
 
 from dualtrack_jax import convert
-from launch import torch_io
 from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import local_encoder
 from launch import checkpointing
 from launch import config_utils
 from launch import metric_writer
+from launch import torch_io
+from sonichu_jax import convert as sonichu_convert
+from sonichu_jax.experiments import keypoints
+from sonichu_jax.models import sonichu
 
-MODELS = ('tus_rec_2024', 'tus_rec_2025', 'local_stage1')
+MODELS = ('tus_rec_2024', 'tus_rec_2025', 'local_stage1', 'sonichu')
 # The table of each experiment's variables (to_torch finds the experiment in the saved config).
 TABLES = {'dualtrack_jax.experiments.local_stage1': convert.LOCAL_STAGE1,
           'dualtrack_jax.experiments.local_stage2': convert.LOCAL_STAGE2,
@@ -111,10 +117,43 @@ def _check_new(path: str) -> None:
     raise FileExistsError(f'{path} exists; conversions never overwrite, choose a new --to')
 
 
+def _sonichu_variables(source: str, variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(variables, config dict) of a SONICHU-layout weights file."""
+  config = config_utils.load_config_file(os.path.join(
+      os.path.dirname(_CONFIGS), 'sonichu', f'keypoints.py:{variant}'))
+  state_dict = (torch_io.read_safetensors(source) if source.endswith('.safetensors')
+                else torch_io.load_state_dict(source))
+  template = sonichu.abstract_variables(keypoints.build_model(config))
+  return (sonichu_convert.from_sonichu(state_dict, template, source=source),
+          config_utils.to_json_dict(config))
+
+
+def _write_run(variables, config: dict[str, Any], out: str) -> None:
+  """Writes `out/best/0` under a temporary name, renamed when complete."""
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(os.path.abspath(out))}.tmp-')
+  try:
+    checkpointing.save_variables(os.path.join(tmp, checkpointing.BEST_DIR), 0, variables, config)
+    os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def convert_from_torch(source: str, out: str, model: str, *, allow_reinit: str | None = None,
-                       seed: int = 0) -> dict[str, Any]:
-  """torch.save file -> run folder `out` with `best/0`; returns the variables written."""
+                       seed: int = 0, variant: str = 'full') -> dict[str, Any]:
+  """torch.save (or SONICHU safetensors) file -> run folder `out` with `best/0`; returns the
+  variables written. `variant` picks configs/sonichu/keypoints.py's variant for --model=sonichu."""
   _check_new(out)
+  if model == 'sonichu':
+    if allow_reinit:
+      raise ValueError('--allow_reinit is for DualTrack position tables, not --model=sonichu')
+    variables, config = _sonichu_variables(source, variant)
+    variables = jax.tree.map(jnp.asarray, variables)
+    _write_run(variables, config, out)
+    logging.info('Wrote %s (sonichu).', out)
+    return variables
   state_dict = torch_io.load_state_dict(source)
   module, inputs, config = _model_and_config(model, state_dict, source)
   rng = jax.random.key(seed)
@@ -128,15 +167,7 @@ def convert_from_torch(source: str, out: str, model: str, *, allow_reinit: str |
   except ValueError as e:
     raise ValueError(f'{source} (--model={model}): {e}') from None
   variables = jax.tree.map(jnp.asarray, variables)
-  parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(os.path.abspath(out))}.tmp-')
-  try:
-    checkpointing.save_variables(os.path.join(tmp, checkpointing.BEST_DIR), 0, variables, config)
-    os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  _write_run(variables, config, out)
   count = sum(x.size for x in jax.tree.leaves(variables['params']))
   logging.info('Wrote %s (%s: %d tensors, %d parameters).', out, model, len(state_dict), count)
   return variables
@@ -179,6 +210,8 @@ def define_flags() -> None:
   flags.DEFINE_string('allow_reinit', None, 'Regex over torch keys: re-initialise those tensors '
                       'if their shape differs from the model (from_torch).')
   flags.DEFINE_integer('seed', 0, 'Seed of the initialisation used by --allow_reinit.')
+  flags.DEFINE_string('variant', 'full', "--model=sonichu: the variant of "
+                      "configs/sonichu/keypoints.py ('full' or 'sim').")
   flags.mark_flags_as_required(['from', 'to'])
 
 
@@ -192,7 +225,8 @@ def main(argv: list[str]) -> None:
     if f.direction == 'from_torch':
       if f.model is None:
         raise app.UsageError('--model is required with --direction=from_torch')
-      convert_from_torch(source, f.to, f.model, allow_reinit=f.allow_reinit, seed=f.seed)
+      convert_from_torch(source, f.to, f.model, allow_reinit=f.allow_reinit, seed=f.seed,
+                         variant=f.variant)
     else:
       if f.model or f.allow_reinit:
         raise app.UsageError('--model and --allow_reinit apply to --direction=from_torch only '

@@ -11,8 +11,12 @@ import jax
 import numpy as np
 import pytest
 
+from launch import checkpointing
+from launch import config_utils
+from launch import convert as convert_cli
 from launch import torch_io
 from sonichu_jax import convert
+from sonichu_jax.experiments import keypoints
 from sonichu_jax.models import sonichu
 from sonichu_jax.models.heads import ViTPoseHead
 from sonichu_jax.models.vit import sincos_pos_embed
@@ -222,3 +226,22 @@ def test_full_size_names_and_shapes_are_timms():
   assert exported['heads.PLAX.deconv_layers.0.weight'].shape == (768, 256, 4, 4)
   assert exported['heads.PLAX.final_layer.weight'].shape == (22, 256, 1, 1)
   assert exported['heads.A4C.deconv_layers.4.running_var'].shape == (256,)
+
+
+def test_launch_convert_writes_a_sonichu_run_folder(tmp_path):
+  config = config_utils.load_config_file('configs/sonichu/keypoints.py:sim')
+  model = keypoints.build_model(config)
+  variables = sonichu.init_variables(model, jax.random.key(3))
+  path = str(tmp_path / 'sonichu.safetensors')
+  torch_io.write_safetensors(path, convert.to_sonichu(variables))
+  out = str(tmp_path / 'run')
+  convert_cli.convert_from_torch(path, out, 'sonichu', variant='sim')
+  directory, step = checkpointing.find_checkpoint(out, 'best')
+  restored, saved = checkpointing.restore_variables(
+      directory, step, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  assert saved['experiment'] == config.experiment
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(dict(variables)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match='heads'):  # The full model has more than the file.
+    convert_cli.convert_from_torch(path, str(tmp_path / 'full'), 'sonichu')
+  assert not os.path.exists(tmp_path / 'full')

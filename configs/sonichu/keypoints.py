@@ -11,7 +11,8 @@ use get no optimiser update (optim.sparse_groups).
   python -m launch.evaluate --workdir=workdirs/sonichu
 
 `--config.data.dataset` is an FM_UIA data folder (train/ and val/, spec 7.2). To start from I-JEPA
-weights, convert them (`launch.convert`) and name the run in `--config.init_from`.
+weights, import them with `sonichu_jax.convert.backbone_from_ijepa`; a whole SONICHU-layout file
+converts with `python -m launch.convert --from=model.safetensors --to=RUN --model=sonichu`.
 
 The small variant (`:sim`) trains a narrow 4-block ViT on synthetic images of all nine tasks in
 about ten minutes on two CPU cores, and must beat the mean-keypoints predictor by far (measured:
