@@ -122,6 +122,21 @@ def test_convolutions_match_numpy_with_torch_padding(tiny_net):
   assert acts['layer4'].shape == (1, 3, 2, 2, 8)
 
 
+@pytest.mark.parametrize('kernel,strides', [((3, 3, 3), (1, 2, 2)), ((3, 1, 1), (1, 1, 1)),
+                                            ((1, 7, 7), (1, 2, 2))])
+def test_frame_conv_equals_the_native_3d_convolution(kernel, strides):
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8, 10, 3))
+  conv = resnet3d.FrameConv(4, kernel, strides)
+  variables = conv.init(jax.random.key(1), x)
+  native = jax.lax.conv_general_dilated(
+      x, variables['params']['kernel'], strides, [(k // 2, k // 2) for k in kernel],
+      dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision='highest')
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_allclose(conv.apply(variables, x), native, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='temporal stride must be 1'):
+    resnet3d.FrameConv(4, kernel, (2, 1, 1)).init(jax.random.key(1), x)
+
+
 def test_batch_norm_train_mode_updates_statistics_with_momentum_0_9(tiny_net):
   model, variables = tiny_net
   x = jax.random.uniform(jax.random.key(4), (2, 3, 32, 32, 1))
