@@ -281,6 +281,9 @@ def map_variables(source, target, mapping, *, reinit=(), origin: str = 'init_fro
   """
   tgt = _leaves(target)
   src = _leaves(source)
+  for r in reinit:
+    if not any(_under(p.split('/', 1)[1], r) for p in tgt if '/' in p):
+      raise ValueError(f'{origin}: reinit path {r!r} is not in the model')
   out = dict(tgt)
   for collection in sorted({p.split('/')[0] for p in tgt}):
     for source_path, target_path in mapping:
@@ -302,9 +305,6 @@ def map_variables(source, target, mapping, *, reinit=(), origin: str = 'init_fro
                            f'{dest} has {tuple(np.shape(tgt[dest]))}; list it in '
                            'init_from.<source>.reinit to start it afresh')
         out[dest] = jax.numpy.asarray(value, dtype=tgt[dest].dtype)
-  for r in reinit:
-    if not any(_under(p.split('/', 1)[1], r) for p in tgt if '/' in p):
-      raise ValueError(f'{origin}: reinit path {r!r} is not in the model')
   return _unflatten(out)
 
 

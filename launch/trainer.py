@@ -155,17 +155,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, f
   experiment = experiment_lib.load_experiment(config)
   process_index, process_count = jax.process_index(), jax.process_count()
   batch_size = int(config_utils.require(config, 'batch_size'))
-  if batch_size % jax.device_count() or batch_size % process_count:
+  if batch_size % mesh.devices.size or batch_size % process_count:
     raise config_utils.ConfigError(
         f'config.batch_size={batch_size} must be divisible by the number of devices '
-        f'({jax.device_count()}) and of processes ({process_count})')
+        f'({mesh.devices.size}) and of processes ({process_count})')
   steps_per_epoch = int(experiment.steps_per_epoch)
   steps = _steps(config, steps_per_epoch)
   total_steps = steps['total']
   config_json = config_utils.to_json_dict(config)
   logging.info('%d steps (%d per epoch, %d warmup) at global batch %d on %d devices, '
                '%d process(es).', total_steps, steps_per_epoch, steps['warmup'], batch_size,
-               jax.device_count(), process_count)
+               mesh.devices.size, process_count)
 
   # ============================================================================================
   # Input pipeline: this process's shard of every global batch.
@@ -227,6 +227,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, f
   else:
     start = 0
     state = jax.jit(init_fn, out_shardings=state_sharding)(rng, example)
+    if config.get('init_from'):
+      # Only a fresh run starts from other runs' weights; a resumed one has its own. Adam's
+      # moments start at zero whatever the parameters, so only the variables change.
+      state['variables'] = jax.device_put(
+          checkpointing.init_from_config(config.init_from, state['variables'],
+                                         sharding.replicated(mesh)),
+          state_sharding['variables'])
     writer.text(0, 'config', '```\n' + json.dumps(config_json, indent=2) + '\n```')
 
   train_step = jax.jit(
