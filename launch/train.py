@@ -32,6 +32,10 @@ Config keys read by the trainer (model-specific keys are read by the experiment)
                           (regexes whose first group names a group, e.g. one head per task, that
                           gets no update at all in a step where its gradients are all zero);
                           AdamW as torch.optim.AdamW.
+  init_from               start a fresh run (never a resumed one) from other runs: per source name
+                          {workdir (run or step folder), checkpoint ('best'), map [(source path,
+                          target path)], reinit [target paths re-initialised on purpose]};
+                          strict shapes, errors name the path (launch/checkpointing.py).
   frozen                  regexes over '/'-joined parameter paths (re.fullmatch) that are not
                           trained (no update, no weight decay), e.g. ('cnn/.*',).
   fsdp, fsdp_min_size_mb  shard state leaves >= fsdp_min_size_mb (default 4) over the devices.
