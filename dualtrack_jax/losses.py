@@ -11,9 +11,9 @@ def pose_mse(pred: jax.Array, target: jax.Array, mask: jax.Array | None = None,
 
   As the original: translations (mm) and rotations (degrees) mixed, unweighted, no normalisation.
   `weights` multiplies each component's squared error (the mean is still over all elements, so
-  all-ones weights are the original loss). With a mask, the mean is over the valid steps only (the original's NaN-masked `nanmean` over
-  padded sequences); unlike `nanmean`, a batch with no valid step gives 0, not NaN, so a fully
-  padded batch cannot poison the parameters.
+  all-ones weights are the original loss). With a mask, the mean is over the valid steps only
+  (the original's NaN-masked `nanmean` over padded sequences); unlike `nanmean`, a batch with no
+  valid step gives 0, not NaN, so a fully padded batch cannot poison the parameters.
 
   Args:
     pred: (..., D) predictions, e.g. (B, T, 6).

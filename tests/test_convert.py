@@ -212,7 +212,7 @@ def test_strided_views_big_endian_and_bounds(tmp_path):
   # A view past the end of its storage, and a storage record shorter than announced.
   path = write_zip(tmp_path / 'oob.pt', {'oob/data.pkl': _tensor_pickle((3,), (2,)),
                                          'oob/data/0': values.tobytes()})
-  with pytest.raises(ValueError, match=r"oob\.pt: w: a tensor of size \(3,\), stride \(2,\)"):
+  with pytest.raises(ValueError, match=r'oob\.pt: w: a tensor of size \(3,\), stride \(2,\)'):
     torch_io.load_state_dict(path)
   path = write_zip(tmp_path / 'short.pt', {'short/data.pkl': _tensor_pickle((2,), (1,)),
                                            'short/data/0': values[:3].tobytes()})
@@ -222,7 +222,7 @@ def test_strided_views_big_endian_and_bounds(tmp_path):
 
 @pytest.mark.skipif(HAS_TORCH, reason='checks the message shown when torch is not installed')
 def test_save_state_dict_without_torch(tmp_path):
-  with pytest.raises(ImportError, match=r"ultrasound-jax\[convert\]"):
+  with pytest.raises(ImportError, match=r'ultrasound-jax\[convert\]'):
     torch_io.save_state_dict(str(tmp_path / 'x.pt'), {'w': np.zeros(2, np.float32)})
 
 

@@ -1,4 +1,4 @@
-"""DualTrack local stage 1 through the runtime: configs, data resolution, train, resume, evaluate."""
+"""DualTrack local stage 1 through the runtime: configs, data, train, resume, evaluate."""
 import json
 import os
 

@@ -195,18 +195,18 @@ OK_ROW = '../img/a.png,IVC,Regression,2,"[1, 2]","[3.5, 4]",'
 
 
 @pytest.mark.parametrize('row,line_column,message', [
-    ('../img/a.png,XYZ,Regression,2,"[1, 2]","[3, 4]",', ("line 3", "'task_id'"), 'valid tasks'),
-    ('../img/a.png,IVC,Regression,4,"[1, 2]","[3, 4]",', ("line 3", "'num_classes'"), 'has 2'),
-    ('../img/b.png,IVC,Regression,2,"[1, 2]","[3, 4]",', ("line 3", "'image_path'"),
+    ('../img/a.png,XYZ,Regression,2,"[1, 2]","[3, 4]",', ('line 3', "'task_id'"), 'valid tasks'),
+    ('../img/a.png,IVC,Regression,4,"[1, 2]","[3, 4]",', ('line 3', "'num_classes'"), 'has 2'),
+    ('../img/b.png,IVC,Regression,2,"[1, 2]","[3, 4]",', ('line 3', "'image_path'"),
      'does not exist'),
-    ('../img/a.png,IVC,Regression,2,"[1, NaN]","[3, 4]",', ("line 3", "'point_1_xy'"),
+    ('../img/a.png,IVC,Regression,2,"[1, NaN]","[3, 4]",', ('line 3', "'point_1_xy'"),
      'non-finite'),
-    ('../img/a.png,IVC,Regression,2,"[1, 2]","[3, Infinity]",', ("line 3", "'point_2_xy'"),
+    ('../img/a.png,IVC,Regression,2,"[1, 2]","[3, Infinity]",', ('line 3', "'point_2_xy'"),
      'non-finite'),
-    ('../img/a.png,IVC,Regression,2,"[1, 2","[3, 4]",', ("line 3", "'point_1_xy'"), 'JSON pair'),
-    ('../img/a.png,IVC,Regression,2,"[1, 2, 3]","[3, 4]",', ("line 3", "'point_1_xy'"),
+    ('../img/a.png,IVC,Regression,2,"[1, 2","[3, 4]",', ('line 3', "'point_1_xy'"), 'JSON pair'),
+    ('../img/a.png,IVC,Regression,2,"[1, 2, 3]","[3, 4]",', ('line 3', "'point_1_xy'"),
      'JSON pair'),
-    ('../img/a.png,IVC,Regression,2,"[1, 2]","[3, 4]","[5, 6]"', ("line 3", "'point_3_xy'"),
+    ('../img/a.png,IVC,Regression,2,"[1, 2]","[3, 4]","[5, 6]"', ('line 3', "'point_3_xy'"),
      'beyond the 2 keypoints'),
 ])
 def test_loader_errors_name_file_line_and_column(tmp_path, row, line_column, message):
