@@ -21,12 +21,11 @@ from dualtrack_jax.data import datasets
 from dualtrack_jax.data import pipeline
 from dualtrack_jax.data import sweeps
 from dualtrack_jax.data import transforms
+from dualtrack_jax.experiments import common
 from dualtrack_jax.models import local_encoder
 
 # The metric the README and the original's checkpoint selection use ("GPE" of the paper's tables).
 GPE = 'ddf/5pt-avg_global_displacement_error'
-# Pixels read per chunk when a sweep file is centre-cropped for prediction.
-_CROP_READ_PIXELS = 1 << 24
 
 
 @dataclasses.dataclass
@@ -110,28 +109,8 @@ class Experiment:
     number of pixels; the motions are conjugated into the file's frame (the sweep's
     `pixel_to_image`), in which the caller composes, compares and reconstructs.
     """
-    crop = tuple(self.config.data.crop)
-    image_hw = reader.image_shape
-    if image_hw[0] < crop[0] or image_hw[1] < crop[1]:
-      raise sweeps.SweepFileError(
-          reader.path, sweeps.IMAGES, f'frames of {image_hw[0]}x{image_hw[1]} pixels are smaller '
-          f'than the {crop[0]}x{crop[1]} centre crop this model was trained on')
-    top, left = transforms.center_crop_params(image_hw, crop)
-    chunk = max(1, _CROP_READ_PIXELS // (image_hw[0] * image_hw[1]))
-    images = np.concatenate([
-        reader.images(start, min(start + chunk, reader.num_frames))[
-            :, top:top + crop[0], left:left + crop[1]]
-        for start in range(0, reader.num_frames, chunk)])
-    # crop_to_image maps the crop's centred mm to the file's (what `transforms.crop` puts on the
-    # tracking); the crop's pixels are never read, so a broadcast stand-in suffices.
-    try:
-      crop_to_image = transforms.crop(
-          dict(images=np.broadcast_to(np.uint8(0), (1, *image_hw)), tracking=np.eye(4)[None],
-               pixel_to_image=reader.pixel_to_image), top, left, crop)['tracking'][0]
-    except ValueError as e:
-      raise sweeps.SweepFileError(reader.path, sweeps.PIXEL_TO_IMAGE, str(e)) from e
-    relative = pose.pose_vector_to_matrix(self.predict(variables, images))
-    return pose.matrix_to_pose_vector(crop_to_image @ relative @ pose.invert_rigid(crop_to_image))
+    images, crop_to_image = common.center_crops(reader, tuple(self.config.data.crop))
+    return common.conjugate(self.predict(variables, images), crop_to_image)
 
   def _mean_motion(self) -> np.ndarray:
     """Mean relative pose vector of the training sweeps (the 'mean motion' predictor)."""
