@@ -137,6 +137,28 @@ def test_frame_conv_equals_the_native_3d_convolution(kernel, strides):
     resnet3d.FrameConv(4, kernel, (2, 1, 1)).init(jax.random.key(1), x)
 
 
+def test_frame_conv_in_chunks_equals_one_pass_with_gradients(monkeypatch):
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 6, 3))
+  conv = resnet3d.FrameConv(4, (3, 3, 3), (1, 2, 2))
+  variables = conv.init(jax.random.key(1), x)
+
+  def loss(variables, x):
+    y = conv.apply(variables, x)
+    return jnp.sum(y * jnp.cos(y)), y
+
+  grad = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
+  (_, whole), whole_grads = grad(variables, x)
+  # 3 frames per chunk: chunks start at frames 0, 3 and 4 (the last one ends at the sweep end);
+  # differentiated, the one-pass form runs.
+  monkeypatch.setattr(resnet3d, 'CHUNK_BYTES', 3 * 2 * 6 * 6 * 3 * 4)
+  (_, chunked), chunked_grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+      variables, x)
+  assert 'while' in jax.jit(conv.apply).lower(variables, x).as_text()
+  np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(whole_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_batch_norm_train_mode_updates_statistics_with_momentum_0_9(tiny_net):
   model, variables = tiny_net
   x = jax.random.uniform(jax.random.key(4), (2, 3, 32, 32, 1))

@@ -12,8 +12,10 @@ kernel transpose (O, I, kT, kH, kW) -> (kT, kH, kW, I, O).
 `conv`, `batch_norm`, `ConvBN`, `BasicBlock` and `ResLayer` take kernels of any rank, so the
 per-frame 2D ResNet of the global encoder (`resnet2d.py`) is built from the same blocks.
 """
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+import contextlib
 import functools
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -28,14 +30,28 @@ SMALL_WINDOW = (3, 1, 1, 1)  # `video_rn18_small_temporal_context`.
 _KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-class FrameConv(nn.Module):
-  """Bias-free 3D conv of temporal stride 1 as a sum of 2D convs over its temporal taps.
+# Input bytes per loop step of `frame_conv` (4 MiB frames of layer1 at 256x256: 4 frames).
+CHUNK_BYTES = 16 * 2**20
 
-  out[t] = sum_k conv2d(x[t + k - kT // 2], kernel[k]) with zero frames beyond the sweep ends:
-  exactly torch's Conv3d with symmetric padding (kT // 2, kH // 2, kW // 2). XLA:CPU runs these
-  per-frame 2D convs 2x faster than its native 3D convolution (measured on a 3x3x3 64->64 conv of
-  16 x 64 x 64 frames: 0.11 s vs 0.23 s), and the 3D CNN is 98% of DualTrack's compute. The
-  parameter is the same `kernel` (kT, kH, kW, I, O) that nn.Conv would hold.
+
+@contextlib.contextmanager
+def unchunked() -> Iterator[None]:
+  """`frame_conv`s traced in this context run in one pass, without a loop.
+
+  For XLA's FLOP count (`cost_analysis`), which counts a loop's body once; the result is the same.
+  """
+  global CHUNK_BYTES
+  saved, CHUNK_BYTES = CHUNK_BYTES, sys.maxsize
+  try:
+    yield
+  finally:
+    CHUNK_BYTES = saved
+
+
+class FrameConv(nn.Module):
+  """Bias-free 3D conv of temporal stride 1 (`frame_conv`), with symmetric zero padding k // 2.
+
+  The parameter is the same `kernel` (kT, kH, kW, I, O) that nn.Conv would hold.
   """
   features: int
   kernel: Sequence[int]
@@ -45,22 +61,95 @@ class FrameConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kt, kh, kw = self.kernel
     if self.strides[0] != 1:
       raise ValueError(f'FrameConv: temporal stride must be 1, got {self.strides}')
-    kernel = self.param('kernel', _KAIMING_FAN_OUT, (kt, kh, kw, x.shape[-1], self.features),
+    kernel = self.param('kernel', _KAIMING_FAN_OUT, (*self.kernel, x.shape[-1], self.features),
                         self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    b, t = x.shape[:2]
-    x = jnp.pad(x, ((0, 0), (kt // 2, kt // 2), (0, 0), (0, 0), (0, 0)))
-    out = None
-    for k in range(kt):
-      frames = x[:, k:k + t].reshape(b * t, *x.shape[2:])
-      y = jax.lax.conv_general_dilated(
-          frames, kernel[k], tuple(self.strides[1:]), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-      out = y if out is None else out + y
-    return out.reshape(b, t, *out.shape[1:])
+    return frame_conv(x, kernel, tuple(self.strides[1:]))
+
+
+def frame_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+  """3D conv of (B, T, H, W, C) frames as a sum of 2D convs over the kernel's temporal taps.
+
+  out[t] = sum_k conv2d(x[t + k - kT // 2], kernel[k]) with zero frames beyond the sweep ends:
+  exactly torch's Conv3d with padding (kT // 2, kH // 2, kW // 2) and strides (1, *strides).
+  XLA:CPU runs these per-frame 2D convs 2x faster than its native 3D convolution (measured on a
+  3x3x3 64->64 conv of 16 x 64 x 64 frames: 0.11 s vs 0.23 s), and the 3D CNN is 98% of
+  DualTrack's compute.
+
+  Each tap needs its own shifted copy of the input and a partial sum of the output's size. So that
+  these exist for a few frames only, inputs of more than `CHUNK_BYTES` run in chunks of frames in
+  a loop that writes into the output: the working memory is the input and the output, as in
+  torch's direct 3D conv, instead of about kT + 2 times the output (the 64-frame DualTrack sweep:
+  1.40 GiB of XLA temporaries instead of 3.16 GiB, and no slower).
+  """
+  chunk = max(1, CHUNK_BYTES // (x.shape[0] * x[0, 0].size * x.dtype.itemsize))
+  if kernel.shape[0] == 1 or x.shape[1] <= chunk:
+    return _one_pass(x, kernel, strides)
+  return _chunked(x, kernel, strides, chunk)
+
+
+def _tap_sum(tap_frames: Callable[[int], jax.Array], kernel: jax.Array,
+             strides: tuple[int, int]) -> jax.Array:
+  """sum_k conv2d(tap_frames(k), kernel[k]), where tap_frames(k) is (B, T, H, W, C)."""
+  kh, kw = kernel.shape[1:3]
+  out = None
+  for k in range(kernel.shape[0]):
+    frames = tap_frames(k)
+    y = jax.lax.conv_general_dilated(
+        frames.reshape(-1, *frames.shape[2:]), kernel[k], strides,
+        ((kh // 2, kh // 2), (kw // 2, kw // 2)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = y.reshape(*frames.shape[:2], *y.shape[1:])
+    out = y if out is None else out + y
+  return out
+
+
+def _one_pass(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+  kt, t = kernel.shape[0], x.shape[1]
+  x = jnp.pad(x, ((0, 0), (kt // 2, kt // 2)) + ((0, 0),) * 3)
+  return _tap_sum(lambda k: x[:, k:k + t], kernel, strides)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _chunked(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], chunk: int) -> jax.Array:
+  """`_one_pass` computed `chunk` output frames at a time."""
+  kt, (b, t) = kernel.shape[0], x.shape[:2]
+
+  def chunk_of_output(i):
+    # The last chunk ends at the last frame and recomputes a few of its predecessor's frames.
+    start = jnp.minimum(i * chunk, t - chunk)
+
+    def tap_frames(k):  # Gathered per tap, so that one tap's input copy is live at a time.
+      index = start + k - kt // 2 + jnp.arange(chunk)
+      inside = ((index >= 0) & (index < t))[None, :, None, None, None]
+      return jnp.where(inside, jnp.take(x, jnp.clip(index, 0, t - 1), axis=1), 0)
+
+    return _tap_sum(tap_frames, kernel, strides), start
+
+  size = [(n + 2 * (k // 2) - k) // s + 1 for n, k, s in zip(x.shape[2:4], kernel.shape[1:3],
+                                                               strides)]
+  # Every frame of `out` is overwritten. Its zeros are computed from x, or XLA allocates every
+  # loop's output buffer at the program's start (they depend on nothing else).
+  out = jnp.broadcast_to(0 * x[:1, :1, :1, :1, :1], (b, t, *size, kernel.shape[-1]))
+  return jax.lax.fori_loop(
+      0, -(-t // chunk),
+      lambda i, out: jax.lax.dynamic_update_slice_in_dim(out, *chunk_of_output(i), axis=1), out)
+
+
+def _chunked_fwd(x, kernel, strides, chunk):
+  # Differentiated, the one-pass form runs instead, with its own backward: training keeps its speed
+  # and memory, where the loop's transpose (a scatter-add into the whole input per chunk) is slow.
+  del chunk
+  return jax.vjp(lambda x, kernel: _one_pass(x, kernel, strides), x, kernel)
+
+
+def _chunked_bwd(strides, chunk, one_pass_vjp, cotangent):
+  del strides, chunk
+  return one_pass_vjp(cotangent)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def conv(features: int, kernel: Sequence[int], strides: Sequence[int], *, name: str,
