@@ -112,8 +112,9 @@ def cases(options: bench_inference.Options, *, geometry: Geometry = Geometry(),
     kwargs.update(cnn_chunking='exact_tiling', max_subsequence=options.tile)
   # FLOP are counted on the loop-free one-pass model: the useful work (tiles also recompute halos,
   # and XLA counts a loop body once).
-  flops_fns = {name: functools.partial(_apply_unchunked, dualtrack.DualTrack(**whole, dtype=dtype))
-               for name, dtype in DTYPES.items()}
+  flops_fns = {name: functools.partial(_apply_unchunked,
+                                       dualtrack.DualTrack(**whole, dtype=DTYPES[name]))
+               for name in options.dtypes}
   models = {name: dualtrack.DualTrack(**kwargs, dtype=DTYPES[name]) for name in options.dtypes}
   reference = dualtrack.DualTrack(**kwargs)
   rng = np.random.default_rng(options.seed)
