@@ -30,20 +30,6 @@ from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import transformer
 
 
-def local_kwargs(model: dualtrack.DualTrack) -> dict[str, Any]:
-  """`dualtrack.LocalEncoder` keyword arguments of a DualTrack's local branch (as DualTrack)."""
-  return dict(
-      stage=3, cnn_widths=model.local_cnn_widths, cnn_stem_width=model.local_cnn_stem_width,
-      cnn_temporal_kernels=model.local_cnn_temporal_kernels, cnn_chunking=model.cnn_chunking,
-      max_subsequence=model.max_subsequence, vit_feature_map_size=model.vit_feature_map_size,
-      vit_patch_size=model.vit_patch_size, vit_layers=model.vit_layers, vit_heads=model.vit_heads,
-      vit_intermediate=model.vit_intermediate, hidden=model.local_hidden,
-      temporal_layers=model.temporal_layers, temporal_heads=model.temporal_heads,
-      temporal_intermediate=model.temporal_intermediate, max_positions=model.max_positions,
-      proj_features=model.hidden, frozen=model.local_frozen, dropout=model.dropout,
-      dtype=model.dtype, param_dtype=model.param_dtype)
-
-
 class FusionFromFeatures(nn.Module):
   """`dualtrack.DualTrack` on the frozen CNN + ViT features of its local branch.
 
@@ -60,7 +46,7 @@ class FusionFromFeatures(nn.Module):
     m = dualtrack.DualTrack(**self.model_kwargs)
     indices = dualtrack.regular_grid_indices(features.shape[1], m.grid_spacing)
     kw = dict(dropout=m.dropout, dtype=m.dtype, param_dtype=m.param_dtype)
-    local = common.LocalFromFeatures(local_kwargs(m), name='local_encoder')(features, train=train)
+    local = common.LocalFromFeatures(m.local_encoder_kwargs(), name='local_encoder')(features, train=train)
     context = dualtrack.GlobalEncoder(
         cnn_widths=m.global_cnn_widths, cnn_stem_width=m.global_cnn_stem_width, hidden=m.hidden,
         num_layers=m.global_layers, num_heads=m.global_heads, max_positions=m.max_positions,
@@ -81,7 +67,7 @@ class Experiment(common.SweepPrediction, common.LocalExperimentBase):
     self.global_source = config.data.global_source
     self.spacing_global = kwargs.get('grid_spacing', 16)
     self.model = dualtrack.DualTrack(**kwargs)
-    self.local = local_kwargs(self.model)
+    self.local = self.model.local_encoder_kwargs()
     self.from_features = FusionFromFeatures(kwargs)
     if kwargs.get('cnn_chunking') is None:
       # Exact tiling over long sweeps at evaluation: bounded memory, same numbers.

@@ -327,6 +327,19 @@ class DualTrack(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def local_encoder_kwargs(self) -> dict[str, Any]:
+    """`LocalEncoder` keyword arguments of the local branch (also built from cached features)."""
+    return dict(
+        stage=3, cnn_widths=self.local_cnn_widths, cnn_stem_width=self.local_cnn_stem_width,
+        cnn_temporal_kernels=self.local_cnn_temporal_kernels, cnn_chunking=self.cnn_chunking,
+        max_subsequence=self.max_subsequence, vit_feature_map_size=self.vit_feature_map_size,
+        vit_patch_size=self.vit_patch_size, vit_layers=self.vit_layers, vit_heads=self.vit_heads,
+        vit_intermediate=self.vit_intermediate, hidden=self.local_hidden,
+        temporal_layers=self.temporal_layers, temporal_heads=self.temporal_heads,
+        temporal_intermediate=self.temporal_intermediate, max_positions=self.max_positions,
+        proj_features=self.hidden, frozen=self.local_frozen, dropout=self.dropout,
+        dtype=self.dtype, param_dtype=self.param_dtype)
+
   @nn.compact
   def __call__(self, local_images: jax.Array, global_images: jax.Array, *,
                train: bool = False) -> jax.Array:
@@ -365,16 +378,8 @@ class DualTrack(nn.Module):
                        f'{len(indices)} frames at regular_grid_indices({num_frames}, '
                        f'{self.grid_spacing}), got {global_images.shape[1]}')
     kw = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
-    local = LocalEncoder(
-        stage=3, cnn_widths=self.local_cnn_widths, cnn_stem_width=self.local_cnn_stem_width,
-        cnn_temporal_kernels=self.local_cnn_temporal_kernels, cnn_chunking=self.cnn_chunking,
-        max_subsequence=self.max_subsequence, vit_feature_map_size=self.vit_feature_map_size,
-        vit_patch_size=self.vit_patch_size, vit_layers=self.vit_layers, vit_heads=self.vit_heads,
-        vit_intermediate=self.vit_intermediate, hidden=self.local_hidden,
-        temporal_layers=self.temporal_layers, temporal_heads=self.temporal_heads,
-        temporal_intermediate=self.temporal_intermediate, max_positions=self.max_positions,
-        proj_features=self.hidden, frozen=self.local_frozen, name='local_encoder', **kw)(
-            local_images, train=train)
+    local = LocalEncoder(**self.local_encoder_kwargs(), name='local_encoder')(
+        local_images, train=train)
     context = GlobalEncoder(
         cnn_widths=self.global_cnn_widths, cnn_stem_width=self.global_cnn_stem_width,
         hidden=self.hidden, num_layers=self.global_layers, num_heads=self.global_heads,
