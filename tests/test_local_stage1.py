@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dualtrack_jax.data import registry
+from dualtrack_jax.experiments import common
 from dualtrack_jax.experiments import local_stage1
 from launch import config_utils
 from launch import evaluate
@@ -66,7 +67,7 @@ def test_train_resume_and_evaluate_on_simulated_sweeps(tmp_path):
   config.total_steps = 3
   final = trainer.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '3']
-  gpe = local_stage1.GPE
+  gpe = common.GPE
   for key in (gpe, f'baseline/zero_motion/{gpe}', f'baseline/mean_motion/{gpe}', 'mae/z',
               'drift/hausdorff'):
     assert np.isfinite(final[key]), key
@@ -91,6 +92,6 @@ def test_evaluation_composes_whole_sweep_predictions(tmp_path):
       experiment.val_records, crop_hw=(32, 32), seed=0, augment=None, shuffle=False,
       num_epochs=1)))
   whole = experiment.model.apply(variables, val['images'].astype(np.float32) / 255.0)
-  np.testing.assert_allclose(sweep['pred_global'], local_stage1._trajectory(whole[0]),
+  np.testing.assert_allclose(sweep['pred_global'], common.trajectory(whole[0]),
                              rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(sweep['gt_global'][0], np.eye(4), atol=1e-12)

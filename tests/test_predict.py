@@ -20,6 +20,7 @@ from dualtrack_jax.data import registry
 from dualtrack_jax.data import simulator
 from dualtrack_jax.data import sweeps
 from dualtrack_jax.data import transforms
+from dualtrack_jax.experiments import common
 from dualtrack_jax.experiments import local_stage1
 from launch import checkpointing
 from launch import config_utils
@@ -114,9 +115,9 @@ def test_predict_writes_every_output(run, restored, tmp_path):
   assert (WIDTH - 32) % 2 == 1 and left == 8
   crop = transforms.center_crop(dict(images=images, tracking=tracking, pixel_to_image=p2i),
                                 (32, 32))
-  crop_pred = local_stage1._trajectory(restored.experiment.predict(restored.variables,
+  crop_pred = common.trajectory(restored.experiment.predict(restored.variables,
                                                                    crop['images']))
-  crop_p2i = crop['pixel_to_image'] @ local_stage1._pixel_translation(-left, -top)
+  crop_p2i = crop['pixel_to_image'] @ common._pixel_translation(-left, -top)
   expected = metrics.sweep_metrics(crop_pred, pose.global_transforms(crop['tracking']), crop_p2i,
                                     (HEIGHT, WIDTH), all_pixels=True)
   with open(os.path.join(folder, 'metrics.json')) as f:

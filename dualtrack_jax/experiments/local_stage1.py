@@ -6,7 +6,6 @@ model over whole sweeps with exact temporal tiling, composes the predicted motio
 and reports the original evaluator's metrics, next to two trivial predictors that a useful model
 must beat: no motion (identity transforms) and the mean motion of the training sweeps.
 """
-import dataclasses
 from typing import Any
 
 import jax
@@ -15,35 +14,12 @@ import ml_collections
 import numpy as np
 
 from dualtrack_jax import losses
-from dualtrack_jax import metrics
-from dualtrack_jax import pose
 from dualtrack_jax.data import datasets
 from dualtrack_jax.data import pipeline
 from dualtrack_jax.data import sweeps
 from dualtrack_jax.data import transforms
 from dualtrack_jax.experiments import common
 from dualtrack_jax.models import local_encoder
-
-# The metric the README and the original's checkpoint selection use ("GPE" of the paper's tables).
-GPE = 'ddf/5pt-avg_global_displacement_error'
-
-
-@dataclasses.dataclass
-class EvalResult:
-  """What the trainer expects from `evaluate` (duck-typed: model packages never import launch)."""
-  metrics: dict[str, float]
-  sweeps: list[dict[str, Any]]
-
-
-def _pixel_translation(dx: float, dy: float) -> np.ndarray:
-  m = np.eye(4)
-  m[:2, 3] = dx, dy
-  return m
-
-
-def _trajectory(relative_vectors: np.ndarray) -> np.ndarray:
-  """(N-1, 6) relative pose vectors -> (N, 4, 4) global transforms, G_0 = I, in float64."""
-  return pose.compose_relative(pose.pose_vector_to_matrix(np.asarray(relative_vectors, np.float64)))
 
 
 class Experiment:
@@ -57,13 +33,12 @@ class Experiment:
         temporal_kernels=tuple(config.model.temporal_kernels),
         target_mean=tuple(config.model.target_mean), target_std=tuple(config.model.target_std),
         dtype=jnp.dtype(config.compute_dtype))
-    self.train_records = self.val_records = self._val_image_hw = None
+    self.train_records = self.val_records = self.evaluator = None
     if load_data:
       self.train_records = datasets.load_split(config.data, 'train')
       self.val_records = datasets.load_split(config.data, 'val')
-      # One frame size for all validation sweeps (SweepSource checks it), read once.
-      self._val_image_hw = pipeline.SweepSource(self.val_records).image_shape
-    self._baselines = None
+      self.evaluator = common.SweepEvaluator(self.val_records, self.train_records,
+                                             crop=tuple(config.data.crop))
 
   @property
   def steps_per_epoch(self) -> int:
@@ -112,41 +87,5 @@ class Experiment:
     images, crop_to_image = common.center_crops(reader, tuple(self.config.data.crop))
     return common.conjugate(self.predict(variables, images), crop_to_image)
 
-  def _mean_motion(self) -> np.ndarray:
-    """Mean relative pose vector of the training sweeps (the 'mean motion' predictor)."""
-    vectors = []
-    for record in self.train_records:
-      with sweeps.SweepReader(record.path) as reader:
-        vectors.append(pose.relative_pose_vectors(reader.tracking))
-    return np.concatenate(vectors).mean(axis=0)
-
-  def evaluate(self, variables) -> EvalResult:
-    crop = tuple(self.config.data.crop)
-    val = pipeline.whole_sweeps(self.val_records, crop_hw=crop, seed=0, augment=None,
-                                shuffle=False, num_epochs=1)
-    mean_motion = self._mean_motion() if self._baselines is None else None
-    per_sweep, baselines, plots = [], [], []
-    for item in val:
-      images, tracking = item['images'][0], item['tracking'][0]
-      image_hw = self._val_image_hw
-      # Metrics on the full frame's pixel grid, expressed in the crop's centred frame (in which the
-      # tracking and the predictions live): the original evaluates the whole image's points.
-      top, left = transforms.center_crop_params(image_hw, crop)
-      pixel_to_image = item['pixel_to_image'][0] @ _pixel_translation(-left, -top)
-      gt = pose.global_transforms(tracking)
-      pred = _trajectory(self.predict(variables, images))
-      per_sweep.append(metrics.sweep_metrics(pred, gt, pixel_to_image, image_hw))
-      if mean_motion is not None:
-        n = len(tracking)
-        baselines.append({
-            f'baseline/zero_motion/{GPE}': metrics.sweep_metrics(
-                np.broadcast_to(np.eye(4), (n, 4, 4)), gt, pixel_to_image, image_hw)[GPE],
-            f'baseline/mean_motion/{GPE}': metrics.sweep_metrics(
-                _trajectory(np.broadcast_to(mean_motion, (n - 1, 6))), gt, pixel_to_image,
-                image_hw)[GPE]})
-      plots.append(dict(sweep_id=str(item['sweep_id'][0]), pred_global=pred, gt_global=gt,
-                        pixel_to_image=pixel_to_image, image_shape=image_hw))
-    if mean_motion is not None:
-      self._baselines = {k: float(np.mean([b[k] for b in baselines])) for k in baselines[0]}
-    result = {k: float(np.mean([m[k] for m in per_sweep])) for k in per_sweep[0]}
-    return EvalResult(metrics={**result, **self._baselines}, sweeps=plots)
+  def evaluate(self, variables) -> common.EvalResult:
+    return self.evaluator(lambda item: self.predict(variables, item['images']))
