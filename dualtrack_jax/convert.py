@@ -252,7 +252,8 @@ def from_torch(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any]
     allow_reinit: regex over torch keys. A tensor whose key matches and whose shape differs from
       the model's keeps the template's value (which must then be initialised, `model.init`, not
       an eval_shape), with a log line each: an explicit form of the original's re-initialisation
-      of the 17 position tables when the 2025 finetune starts from the 2024 model (spec 14).
+      of the 17 position tables when the 2025 finetune starts from the 2024 model
+      (docs/dualtrack.md, section "TUS-REC 2025 finetuning").
 
   Returns:
     {'params': ..., 'batch_stats': ...} nested dicts of NumPy arrays.

@@ -1,4 +1,4 @@
-"""Training losses of DualTrack (spec section 13)."""
+"""Training losses of DualTrack (docs/dualtrack.md, section "Training recipes")."""
 from collections.abc import Sequence
 
 import jax

@@ -159,3 +159,90 @@ def relative_pose_vectors(t):
 def global_pose_vectors(t):
   """(...,N,4,4) absolute tracking -> (...,N,6) pose vectors of `G_i = t_0^-1 t_i`."""
   return matrix_to_pose_vector(global_transforms(t))
+
+
+def rotation_to_quaternion(r):
+  """(...,3,3) rotation matrices -> (...,4) unit quaternions `[w, x, y, z]` with w >= 0.
+
+  Shepperd's method: of the four candidate formulas, each dividing by one of 4w^2, 4x^2, 4y^2,
+  4z^2 (= 1 + trace, 1 + 2 R00 - trace, ...), the one with the largest divisor is used; those add
+  up to 4, so it is at least 1 and the result is accurate near half-turns too.
+  """
+  xp, r = _as_float(r)
+  if r.ndim < 2 or r.shape[-2:] != (3, 3):
+    raise ValueError(f'dualtrack_jax.pose.rotation_to_quaternion: expected (...,3,3), got shape '
+                     f'{r.shape}')
+  r00, r01, r02 = r[..., 0, 0], r[..., 0, 1], r[..., 0, 2]
+  r10, r11, r12 = r[..., 1, 0], r[..., 1, 1], r[..., 1, 2]
+  r20, r21, r22 = r[..., 2, 0], r[..., 2, 1], r[..., 2, 2]
+  trace = r00 + r11 + r22
+  squares = xp.stack([1 + trace, 1 + 2 * r00 - trace, 1 + 2 * r11 - trace, 1 + 2 * r22 - trace],
+                     axis=-1)
+  # The candidates not used may have tiny or negative divisors: floored at 1, which the used one
+  # always reaches, so no candidate overflows or takes the square root of a negative number.
+  s = 2 * xp.sqrt(xp.maximum(squares, 1))
+  s_w, s_x, s_y, s_z = (s[..., i] for i in range(4))
+  candidates = xp.stack([
+      xp.stack([s_w / 4, (r21 - r12) / s_w, (r02 - r20) / s_w, (r10 - r01) / s_w], axis=-1),
+      xp.stack([(r21 - r12) / s_x, s_x / 4, (r01 + r10) / s_x, (r02 + r20) / s_x], axis=-1),
+      xp.stack([(r02 - r20) / s_y, (r01 + r10) / s_y, s_y / 4, (r12 + r21) / s_y], axis=-1),
+      xp.stack([(r10 - r01) / s_z, (r02 + r20) / s_z, (r12 + r21) / s_z, s_z / 4], axis=-1),
+  ], axis=-2)
+  best = xp.argmax(squares, axis=-1)[..., None, None]
+  q = xp.take_along_axis(candidates, best, axis=-2)[..., 0, :]
+  q = q / xp.linalg.norm(q, axis=-1, keepdims=True)
+  return xp.where(q[..., :1] < 0, -q, q)
+
+
+def quaternion_to_rotation(q):
+  """(...,4) quaternions `[w, x, y, z]` (normalised here) -> (...,3,3) rotation matrices."""
+  xp, q = _as_float(q)
+  if q.shape[-1:] != (4,):
+    raise ValueError(f'dualtrack_jax.pose.quaternion_to_rotation: expected (...,4), got shape '
+                     f'{q.shape}')
+  q = q / xp.linalg.norm(q, axis=-1, keepdims=True)
+  w, x, y, z = (q[..., i] for i in range(4))
+  return xp.stack([
+      1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+      2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+      2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+  ], axis=-1).reshape(*q.shape[:-1], 3, 3)
+
+
+def slerp(q0, q1, t):
+  """Spherical linear interpolation of unit quaternions (...,4) at fractions t (...).
+
+  The shorter arc is taken (q1 and -q1 are the same rotation). t = 0 gives q0's rotation, t = 1
+  q1's, t outside [0, 1] continues along the same great circle: the rotation from q0 to q1 keeps
+  turning about the same axis at the same rate. Arcs below 1e-6 rad fall back to normalised
+  linear interpolation, which equals SLERP there to rounding.
+  """
+  xp, q0 = _as_float(q0)
+  q1 = xp.asarray(q1, q0.dtype)
+  t = xp.asarray(t, q0.dtype)[..., None]
+  dot = xp.sum(q0 * q1, axis=-1, keepdims=True)
+  q1 = xp.where(dot < 0, -q1, q1)
+  angle = xp.arccos(xp.clip(xp.abs(dot), 0, 1))
+  small = angle < 1e-6
+  sin_angle = xp.sin(xp.where(small, 1, angle))
+  w0 = xp.where(small, 1 - t, xp.sin((1 - t) * angle) / sin_angle)
+  w1 = xp.where(small, t, xp.sin(t * angle) / sin_angle)
+  q = w0 * q0 + w1 * q1
+  return q / xp.linalg.norm(q, axis=-1, keepdims=True)
+
+
+def interpolate_rigid(a, b, t):
+  """Rigid transforms between (...,4,4) `a` (t = 0) and `b` (t = 1) at fractions t (...).
+
+  Translation linearly, rotation by `slerp`; t outside [0, 1] extrapolates both (constant velocity
+  of the translation, constant rotation rate about the same axis).
+  """
+  xp, a = _as_float(a)
+  b = xp.asarray(b, a.dtype)
+  _check_matrices(a, 'interpolate_rigid')
+  _check_matrices(b, 'interpolate_rigid')
+  t = xp.asarray(t, a.dtype)
+  rotation = quaternion_to_rotation(slerp(rotation_to_quaternion(a[..., :3, :3]),
+                                          rotation_to_quaternion(b[..., :3, :3]), t))
+  translation = (1 - t[..., None]) * a[..., :3, 3] + t[..., None] * b[..., :3, 3]
+  return _homogeneous(xp, rotation, translation)

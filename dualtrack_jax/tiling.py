@@ -1,4 +1,4 @@
-"""Temporal tiling of sequence models over long sweeps (spec section 9.2).
+"""Temporal tiling of sequence models over long sweeps (docs/dualtrack.md, section "Long sweeps").
 
 `tiled_temporal_apply` is exact: for a function whose output frame t depends only on input frames
 t - r .. t + r (a temporal CNN with zero padding at the sequence ends) and halo >= r, the tiled

@@ -30,19 +30,19 @@ CPU (plus the host-device copies). It also adds in pixel order, so chunked and u
 reconstructions are bit-identical. Whole sweeps of 480x640 frames at 0.5 mm: 11 ms per frame
 ('pnn') and 67 ms per frame ('trilinear') on one busy core of that CPU.
 
-Writers: NIfTI-1 (`.nii`, `.nii.gz`; the 348-byte header is written here, so no imaging library is
-needed) with the grid's spacing and origin in its qform and sform, and h5 ('volume', 'mask',
-'spacing', 'origin'). `slices_figure` draws three orthogonal mid-slices.
+Writers: NIfTI-1 (`.nii`, `.nii.gz`, through nibabel) with the grid's spacing and origin in its
+qform and sform, and h5 ('volume', 'mask', 'spacing', 'origin'). `slices_figure` draws three
+orthogonal mid-slices.
 """
 from collections.abc import Sequence
 import dataclasses
-import gzip
 import os
 
 import h5py
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+import nibabel
 import numpy as np
 
 DEFAULT_MAX_VOXELS = 512 ** 3
@@ -50,24 +50,8 @@ METHODS = ('pnn', 'trilinear')
 # Pixels placed per chunk (one 480x640 frame): bounds the temporaries (trilinear: ~70 MB).
 _PIXELS_PER_CHUNK = 1 << 19
 
-# NIfTI-1 header (nifti1.h), little-endian, 348 bytes; then 4 extension bytes and the data.
-_NIFTI1_HEADER = np.dtype([
-    ('sizeof_hdr', '<i4'), ('data_type', 'S10'), ('db_name', 'S18'), ('extents', '<i4'),
-    ('session_error', '<i2'), ('regular', 'S1'), ('dim_info', 'u1'), ('dim', '<i2', (8,)),
-    ('intent_p1', '<f4'), ('intent_p2', '<f4'), ('intent_p3', '<f4'), ('intent_code', '<i2'),
-    ('datatype', '<i2'), ('bitpix', '<i2'), ('slice_start', '<i2'), ('pixdim', '<f4', (8,)),
-    ('vox_offset', '<f4'), ('scl_slope', '<f4'), ('scl_inter', '<f4'), ('slice_end', '<i2'),
-    ('slice_code', 'u1'), ('xyzt_units', 'u1'), ('cal_max', '<f4'), ('cal_min', '<f4'),
-    ('slice_duration', '<f4'), ('toffset', '<f4'), ('glmax', '<i4'), ('glmin', '<i4'),
-    ('descrip', 'S80'), ('aux_file', 'S24'), ('qform_code', '<i2'), ('sform_code', '<i2'),
-    ('quatern_b', '<f4'), ('quatern_c', '<f4'), ('quatern_d', '<f4'), ('qoffset_x', '<f4'),
-    ('qoffset_y', '<f4'), ('qoffset_z', '<f4'), ('srow_x', '<f4', (4,)), ('srow_y', '<f4', (4,)),
-    ('srow_z', '<f4', (4,)), ('intent_name', 'S16'), ('magic', 'S4')])
-_NIFTI_DATA_OFFSET = 352
-# NIfTI datatype codes and bit widths of the two voxel types we write.
-_NIFTI_TYPES = {np.dtype(np.uint8): (2, 8), np.dtype(np.float32): (16, 32)}
-_NIFTI_UNITS_MM = 2
-_NIFTI_XFORM_SCANNER_ANAT = 1
+# The voxel types the NIfTI writer takes: the float32 volume and the uint8 mask.
+_NIFTI_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,47 +247,28 @@ def reconstruct(frames, global_transforms, pixel_to_image, spacing=0.5, *, metho
   return Volume(data=total.reshape(grid.shape), weight=weight.reshape(grid.shape), grid=grid)
 
 
-def _nifti_header(shape: tuple[int, int, int], dtype: np.dtype, grid: Grid,
-                  description: str) -> bytes:
-  code, bitpix = _NIFTI_TYPES[dtype]
-  header = np.zeros((), _NIFTI1_HEADER)
-  header['sizeof_hdr'] = _NIFTI1_HEADER.itemsize
-  header['regular'] = b'r'
-  header['dim'] = [3, *shape, 1, 1, 1, 1]
-  header['datatype'], header['bitpix'] = code, bitpix
-  header['pixdim'] = [1.0, *grid.spacing, 0, 0, 0, 0]  # pixdim[0] = qfac = +1 (right-handed)
-  header['vox_offset'] = _NIFTI_DATA_OFFSET
-  header['scl_slope'] = 1.0
-  header['xyzt_units'] = _NIFTI_UNITS_MM
-  header['descrip'] = description.encode('ascii', 'replace')[:79]
-  # The grid has no rotation: quaternion (b, c, d) = 0, and the sform is the same diagonal affine.
-  header['qform_code'] = header['sform_code'] = _NIFTI_XFORM_SCANNER_ANAT
-  header['qoffset_x'], header['qoffset_y'], header['qoffset_z'] = grid.origin
-  affine = grid.affine
-  header['srow_x'], header['srow_y'], header['srow_z'] = affine[0], affine[1], affine[2]
-  header['magic'] = b'n+1\x00'
-  return header.tobytes() + b'\x00' * (_NIFTI_DATA_OFFSET - _NIFTI1_HEADER.itemsize)
-
-
 def write_nifti(path: str | os.PathLike, array: np.ndarray, grid: Grid, *,
                 description: str = '') -> None:
   """Writes an (X, Y, Z) uint8 or float32 array on `grid` as NIfTI-1 (gzipped if path ends .gz).
 
   The qform and sform both map voxel (i, j, k) to `grid.origin + (i, j, k) * grid.spacing` mm
-  (codes 1, 'scanner'); units mm. Viewers read the reference frame's x, y, z as their x, y, z.
+  (codes 1, 'scanner'; the qform's quaternion is the identity with qfac +1, its pixdim the
+  spacing); units mm; the data unscaled (slope 1, intercept 0) in the array's own type.
+  `description` goes into the header's 80-byte `descrip` (ASCII, cut to 79 characters). Viewers
+  read the reference frame's x, y, z as their x, y, z.
   """
   path = os.fspath(path)
   array = np.asarray(array)
-  if array.dtype not in _NIFTI_TYPES:
+  if array.dtype not in _NIFTI_DTYPES:
     raise ValueError(f'{path}: NIfTI writer takes uint8 or float32 volumes, got {array.dtype}')
   if array.shape != grid.shape:
     raise ValueError(f'{path}: volume shape {array.shape} differs from the grid {grid.shape}')
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'wb') as f:
-    f.write(_nifti_header(array.shape, array.dtype, grid, description))
-    # NIfTI stores x fastest: one (X, Y) slab per z, transposed to row-major (y, x) bytes.
-    for k in range(array.shape[2]):
-      f.write(np.ascontiguousarray(array[:, :, k].T, array.dtype.newbyteorder('<')).tobytes())
+  image = nibabel.Nifti1Image(array, affine=None)
+  image.set_qform(grid.affine, code='scanner')
+  image.set_sform(grid.affine, code='scanner')
+  image.header.set_xyzt_units(xyz='mm')
+  image.header['descrip'] = description.encode('ascii', 'replace')[:79]
+  nibabel.save(image, path)
 
 
 def write_h5(path: str | os.PathLike, volume: Volume, **attrs) -> None:

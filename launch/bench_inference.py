@@ -1,9 +1,11 @@
 """Inference benchmarks: our jitted model vs the PyTorch original, same weights, same input.
 
-`python -m launch.benchmark --bench=inference --model=NAME` runs `measure(MODELS[NAME], options)`.
-A model registers a module in `MODELS` that defines `cases(options) -> Iterable[Case]`: one
-`Case` per input size, holding our jittable function per dtype and, when `options.original` is
-given, the original PyTorch module with its inputs (weights converted from ours).
+`python -m launch.benchmark --bench=inference --model=NAME` runs `run(NAME, options)`. A model
+package offers NAME in its interface's `INFERENCE_BENCHMARKS` (launch/models.py): a function
+`cases(options) -> Iterable[Mapping]` yielding one case per input size, a mapping of `Case`'s
+fields whose `variants` are mappings of `Variant`'s fields: our jittable function per dtype and,
+when `options.original` is given, the original PyTorch module with its inputs (weights converted
+from ours).
 
 What is timed: one call of the model on inputs already in model form (float arrays on the
 device; decoding, cropping and resizing excluded), until its outputs are ready. Each side gets
@@ -21,10 +23,9 @@ one untimed warm-up call, then `steps` timed calls. Reported per side:
             of its `Variant.flops_fn`); torch: FlopCounterMode on the warm-up call (matmuls and
             convolutions only). FLOP/s = FLOP / median.
 """
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import ctypes
 import dataclasses
-import importlib
 import resource
 import sys
 import time
@@ -33,8 +34,9 @@ from typing import Any
 import jax
 import numpy as np
 
-# Model name -> module defining `cases(options)`.
-MODELS = {'dualtrack': 'launch.bench_dualtrack', 'sonichu': 'launch.bench_sonichu'}
+from launch import models
+
+DTYPES = ('float32', 'bfloat16')  # What --dtype may name; every model package takes both.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,11 @@ class Options:
   torch_compile: bool = False
   compile_only: bool = False
   seed: int = 0
+
+  def __post_init__(self):
+    unknown = sorted(set(self.dtypes) - set(DTYPES))
+    if unknown:
+      raise ValueError(f'--dtype: unknown {unknown}; known: {list(DTYPES)}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,17 +307,27 @@ def format_table(case: Case, results: Sequence[Measurement]) -> str:
   return '\n'.join(lines)
 
 
-def model_module(name: str):
-  """The registered module of an inference benchmark."""
-  if name not in MODELS:
-    raise ValueError(f'--model={name!r}: no inference benchmark; known: {sorted(MODELS)}')
-  return importlib.import_module(MODELS[name])
+def as_case(case: Mapping[str, Any], source: str) -> Case:
+  """A package's case mapping as a `Case` (its variants as `Variant`s); TypeError names `source`."""
+  try:
+    variants = tuple(Variant(**v) for v in case['variants'])
+    return Case(**{**case, 'variants': variants})
+  except (KeyError, TypeError) as e:
+    raise TypeError(f'{source}: a case must be a mapping of the fields of '
+                    f'launch.bench_inference.Case with variants of Variant\'s ({e})') from e
+
+
+def cases(name: str, options: Options) -> Iterator[Case]:
+  """The cases of the inference benchmark `name` of a registered model package."""
+  package, make_cases = models.lookup('INFERENCE_BENCHMARKS', name, '--model')
+  for case in make_cases(options):
+    yield as_case(case, f'{package.__name__} INFERENCE_BENCHMARKS[{name!r}]')
 
 
 def run(name: str, options: Options) -> list[tuple[Case, list[Measurement]]]:
   """Measures every case of a registered model and prints each table as it completes."""
   done = []
-  for case in model_module(name).cases(options):
+  for case in cases(name, options):
     results = measure_case(case, options)
     print(format_table(case, results), flush=True)
     done.append((case, results))

@@ -1,17 +1,19 @@
 r"""Measures speed: `python -m launch.benchmark --bench=NAME [...]`; results go into BENCHMARKS.md.
 
-Benchmarks:
-  simulator  frames per second of the sweep simulator, default frames and TUS-REC-sized frames.
-  pipeline   windows per second of the local-window Grain pipeline with 0 and 2 worker processes.
+Benchmarks (`train` and `inference` are the runtime's; the others are offered by model packages,
+launch/models.py):
   train      training throughput of a config's experiment: compile time (AOT) separately, then the
-             median and p90 step time and frames per second over --steps warm steps. The same global
+             median and p90 step time and samples (batch rows: DualTrack windows, SONICHU
+             images) per second over --steps warm steps. The same global
              batch is fed every step, so data loading is not counted.
-  inference  a model's inference (--model, registered in launch/bench_inference.py; what is timed
-             and how memory and FLOP are measured is in its docstring) for each of --frames and
-             --dtype: compile time, warm latency median and p90 over --steps calls, frames/s,
+  inference  a model's inference (--model, a name of a package's INFERENCE_BENCHMARKS; what is
+             timed and how memory and FLOP are measured is in launch/bench_inference.py) for
+             each of --frames and --dtype: compile time, warm latency median and p90 over --steps calls, frames/s,
              peak memory, achieved FLOP/s; with --original=PATH also the original PyTorch model
              (same weights, same input; outputs compared first) in this process, eager and with
              --torch_compile, and the ratios. Needs torch importable only with --original.
+  simulator  DualTrack: frames per second of the sweep simulator, default and TUS-REC-sized frames.
+  pipeline   DualTrack: windows per second of the local-window Grain pipeline, 0 and 2 workers.
 
 Examples:
   python -m launch.benchmark --bench=simulator
@@ -28,7 +30,6 @@ Examples:
 """
 import functools
 import platform
-import tempfile
 import time
 
 from absl import app
@@ -37,73 +38,44 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from dualtrack_jax.data import pipeline
-from dualtrack_jax.data import registry
-from dualtrack_jax.data import simulator
-from dualtrack_jax.data import transforms
 from launch import bench_inference
 from launch import experiment as experiment_lib
+from launch import models
 from launch import optim
 from launch import sharding
 from launch import trainer
+from launch import xla_flags
 
-_BENCH = flags.DEFINE_enum('bench', None, ['simulator', 'pipeline', 'train', 'inference'],
-                           'What to measure.')
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:arg] for --bench=train.',
-                                          lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed repetitions (steps, sweeps or batches).')
-_MODEL = flags.DEFINE_enum('model', None, sorted(bench_inference.MODELS),
-                           '--bench=inference: the model.')
-_FRAMES = flags.DEFINE_list('frames', ['64'], '--bench=inference: input sizes (frames per sweep).')
-_DTYPE = flags.DEFINE_list('dtype', ['float32'], '--bench=inference: our compute dtypes '
-                           '(float32, bfloat16); the original runs in float32.')
-_PRESET = flags.DEFINE_string('preset', None, '--bench=inference: released configuration '
-                              '(dualtrack: tus_rec_2024 (default) or tus_rec_2025).')
-_TILE = flags.DEFINE_integer('tile', None, '--bench=inference: exact temporal tiling of the '
-                             'local CNN in tiles of this many frames (bounds memory).')
-_ORIGINAL = flags.DEFINE_string('original', None, '--bench=inference: checkout of the original '
-                                'code, timed in this process on the same weights and input.')
-_TORCH_COMPILE = flags.DEFINE_bool('torch_compile', False, '--bench=inference: also time the '
-                                   'original under torch.compile.')
-_COMPILE_ONLY = flags.DEFINE_bool('compile_only', False, '--bench=inference: only compile ours '
-                                  "and report XLA's FLOP and memory analyses.")
-flags.mark_flag_as_required('bench')
+FLAGS = flags.FLAGS
 
-# TUS-REC frames: 480x640 pixels of 0.229 x 0.221 mm.
-_TUSREC_FRAMES = dict(height=480, width=640, pixel_spacing_mm=(0.229389190673828,
-                                                                0.220979690551758))
+
+def define_flags() -> None:
+  """Registers the command-line flags (only when run as a program, so importing is side-free)."""
+  flags.DEFINE_string('bench', None, "What to measure: 'train', 'inference' or a model package's "
+                      "benchmark (e.g. 'simulator', 'pipeline').", required=True)
+  config_flags.DEFINE_config_file('config', None, 'Config file[:arg] for --bench=train.',
+                                  lock_config=True)
+  flags.DEFINE_integer('steps', 10, 'Timed repetitions (steps, sweeps or batches).')
+  flags.DEFINE_string('model', None, '--bench=inference: the model (e.g. dualtrack, sonichu).')
+  flags.DEFINE_list('frames', ['64'], '--bench=inference: input sizes (frames per sweep).')
+  flags.DEFINE_list('dtype', ['float32'], '--bench=inference: our compute dtypes (float32, '
+                    'bfloat16); the original runs in float32.')
+  flags.DEFINE_string('preset', None, '--bench=inference: released configuration (dualtrack: '
+                      'tus_rec_2024 (default) or tus_rec_2025).')
+  flags.DEFINE_integer('tile', None, '--bench=inference: exact temporal tiling of the local CNN '
+                       'in tiles of this many frames (bounds memory).')
+  flags.DEFINE_string('original', None, '--bench=inference: checkout of the original code, timed '
+                      'in this process on the same weights and input.')
+  flags.DEFINE_bool('torch_compile', False, '--bench=inference: also time the original under '
+                    'torch.compile.')
+  flags.DEFINE_bool('compile_only', False, "--bench=inference: only compile ours and report "
+                    "XLA's FLOP and memory analyses.")
 
 
 def _environment() -> str:
   return (f'{platform.processor() or platform.machine()}, {jax.device_count()} x '
           f'{jax.devices()[0].device_kind}; python {platform.python_version()}, jax '
           f'{jax.__version__}, numpy {np.__version__}')
-
-
-def bench_simulator(repeats: int) -> None:
-  for name, overrides in (('default 96x128', {}), ('TUS-REC 480x640', _TUSREC_FRAMES)):
-    config = simulator.SimulatorConfig(**overrides, num_frames=(100, 100))
-    simulator.simulate_sweep(config, 0)  # Warm-up (imports, FFT plans).
-    rates = []
-    for seed in range(1, repeats + 1):
-      start = time.perf_counter()
-      simulate_frames = len(simulator.simulate_sweep(config, seed)['images'])
-      rates.append(simulate_frames / (time.perf_counter() - start))
-    print(f'simulator {name}: {np.median(rates):.1f} frames/s (median of {repeats} sweeps of '
-          f'100 frames; min {min(rates):.1f}, max {max(rates):.1f})')
-
-
-def bench_pipeline(num_batches: int) -> None:
-  with tempfile.TemporaryDirectory() as root:
-    csv = simulator.write_dataset(root, config=simulator.SimulatorConfig(), num_train=8,
-                                  num_val=0, seed=0)
-    records = registry.read_sweep_csv(csv, 'train')
-    for workers in (0, 2):
-      ds = pipeline.local_windows(records, window=16, crop_hw=(64, 64), batch_size=8, seed=0,
-                                  augment=transforms.LOCAL_AUGMENT, num_workers=workers)
-      result = pipeline.measure_throughput(ds, num_batches=num_batches)
-      print(f'pipeline local_windows (K=16, crop 64x64 of 96x128, batch 8), {workers} workers: '
-            f'{result["elements_per_s"]:.1f} windows/s over {num_batches} batches')
 
 
 def bench_train(config, steps: int) -> None:
@@ -135,45 +107,50 @@ def bench_train(config, steps: int) -> None:
       state, metrics = compiled(state, batch)
       jax.block_until_ready((state, metrics))
       times.append(time.perf_counter() - start)
-  frames = int(np.prod(local['images'].shape[:2]))
+  samples = len(next(iter(local.values())))
   median, p90 = np.median(times), np.percentile(times, 90)
-  print(f'train {config.experiment}: batch {tuple(local["images"].shape)} uint8, '
-        f'{config.compute_dtype}, {jax.device_count()} device(s)')
+  shapes = ', '.join(f'{k} {tuple(np.shape(v))} {np.asarray(v).dtype}' for k, v in local.items())
+  print(f'train {config.experiment}: batch {shapes}; {config.get("compute_dtype", "float32")}, '
+        f'{jax.device_count()} device(s)')
   print(f'  compile {compile_s:.1f} s; step median {median * 1e3:.0f} ms, p90 {p90 * 1e3:.0f} ms; '
-        f'{frames / median:.1f} frames/s' +
+        f'{samples / median:.1f} samples/s' +
         (f'; {flops / median / 1e9:.1f} GFLOP/s achieved' if flops else ''))
 
 
 def inference_options() -> bench_inference.Options:
   """`bench_inference.Options` from the flags."""
   try:
-    sizes = tuple(int(f) for f in _FRAMES.value)
+    sizes = tuple(int(f) for f in FLAGS.frames)
   except ValueError as e:
-    raise app.UsageError(f'--frames must be integers, got {_FRAMES.value}') from e
-  if _TORCH_COMPILE.value and not _ORIGINAL.value:
+    raise app.UsageError(f'--frames must be integers, got {FLAGS.frames}') from e
+  if FLAGS.torch_compile and not FLAGS.original:
     raise app.UsageError('--torch_compile times the original: it needs --original')
   return bench_inference.Options(
-      sizes=sizes, dtypes=tuple(_DTYPE.value), steps=_STEPS.value, preset=_PRESET.value,
-      tile=_TILE.value, original=_ORIGINAL.value, torch_compile=_TORCH_COMPILE.value,
-      compile_only=_COMPILE_ONLY.value)
+      sizes=sizes, dtypes=tuple(FLAGS.dtype), steps=FLAGS.steps, preset=FLAGS.preset,
+      tile=FLAGS.tile, original=FLAGS.original, torch_compile=FLAGS.torch_compile,
+      compile_only=FLAGS.compile_only)
 
 
 def main(argv) -> None:
   del argv
+  xla_flags.apply_defaults()
   print(_environment())
-  if _BENCH.value == 'inference':
-    if _MODEL.value is None:
-      raise app.UsageError('--bench=inference needs --model')
-    bench_inference.run(_MODEL.value, inference_options())
-  elif _BENCH.value == 'simulator':
-    bench_simulator(_STEPS.value)
-  elif _BENCH.value == 'pipeline':
-    bench_pipeline(_STEPS.value)
-  else:
-    if _CONFIG.value is None:
-      raise app.UsageError('--bench=train needs --config')
-    bench_train(_CONFIG.value, _STEPS.value)
+  try:
+    if FLAGS.bench == 'inference':
+      if FLAGS.model is None:
+        raise app.UsageError('--bench=inference needs --model')
+      bench_inference.run(FLAGS.model, inference_options())
+    elif FLAGS.bench == 'train':
+      if FLAGS.config is None:
+        raise app.UsageError('--bench=train needs --config')
+      bench_train(FLAGS.config, FLAGS.steps)
+    else:
+      _, measure = models.lookup('BENCHMARKS', FLAGS.bench, '--bench')
+      measure(FLAGS.steps)
+  except models.ModelPackageError as e:
+    raise SystemExit(f'launch.benchmark: error: {e}') from e
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

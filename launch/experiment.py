@@ -1,12 +1,14 @@
-"""The protocol between the trainer and a model package's experiment.
+"""The protocol between the runtime and a model package's experiment.
 
 A config names a module (`config.experiment = 'dualtrack_jax.experiments.local_stage1'`) whose
-`Experiment(config)` provides everything model-specific. Model packages never import `launch`:
-the protocol is duck-typed, and `evaluate` may return any object with `metrics` and `sweeps`.
+`Experiment(config)` provides everything model-specific about a run. Model packages never import
+`launch`: the protocol is duck-typed, and `evaluate` may return any object with `metrics` (and
+`figures`). What a package provides beyond its runs is in launch/models.py.
 """
 import dataclasses
 import importlib
 import inspect
+import os
 from typing import Any, Protocol
 
 import grain
@@ -14,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from launch import checkpointing
 from launch import config_utils
 
 
@@ -23,16 +26,22 @@ class EvalResult:
 
   Attributes:
     metrics: scalar metrics, e.g. {'ddf/5pt-avg_global_displacement_error': 3.2}.
-    sweeps: per validation sweep, a dict with 'sweep_id' (str), 'pred_global' and 'gt_global'
-      ((N, 4, 4) global transforms, G_0 = I); optionally 'pixel_to_image' (4, 4) and
-      'image_shape' (H, W) to plot the image centre and frame outlines instead of the origin.
+    figures: named pictures, each a matplotlib Figure or an (H, W, 3) uint8 array, e.g.
+      {'trajectory/sweep_3': fig}; the trainer logs the first `config.num_eval_figures` to
+      TensorBoard as `eval/<name>`, and `launch.evaluate` writes each as `<name>.png` ('/' -> '_').
   """
   metrics: dict[str, float]
-  sweeps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  figures: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Experiment(Protocol):
-  """What the trainer calls; see the module docstring of `launch/train.py` for the contract."""
+  """What the runtime calls; see the module docstring of `launch/train.py` for the config keys.
+
+  The class is built as `Experiment(config)` for training and evaluation, and as
+  `Experiment(config, load_data=False)` (the model only, no dataset read) for `launch.predict`
+  and `launch.export`. Model-level prediction from files (sweeps, images) is the package's
+  interface (launch/models.py), which calls the experiment's own methods.
+  """
 
   @property
   def steps_per_epoch(self) -> int:
@@ -59,16 +68,16 @@ class Experiment(Protocol):
     """Train-mode forward: (loss, (scalar metrics, updated non-param collections))."""
 
   def evaluate(self, variables: dict[str, Any]) -> EvalResult:
-    """Host-side loop over whole validation sweeps."""
+    """Host-side evaluation on the validation data: metrics and figures."""
 
-  def predict_sweep(self, variables: dict[str, Any], reader: Any) -> np.ndarray:
-    """Optional (`launch.predict`): (N-1, 6) relative pose vectors of a sweep file.
+  def export_spec(self, variables: dict[str, Any], options: dict[str, str]) -> dict[str, Any]:
+    """Optional (`launch.export`): the deployable function of the model and what it needs.
 
-    `reader` is a `dualtrack_jax.data.sweeps.SweepReader`. Pose vectors as the h5 format's
-    targets: [tx, ty, tz] mm and [rx, ry, rz] degrees of the transform from frame k+1 to frame k,
-    in the file's image frame (its `pixel_to_image`). The experiment does its own preprocessing
-    (crop, resize) from the raw frames. Prediction builds the experiment with
-    `Experiment(config, load_data=False)` (see `load_experiment`).
+    A mapping with 'fn' (fn(variables, *inputs) -> {name: array}, every weight from
+    `variables`), 'variables' (those to ship), 'inputs' (name, shape with symbolic dimension
+    names, dtype, description), 'outputs' ({name: description}) and optionally 'constraints',
+    'options' (those read, defaults filled in) and 'metadata'; `options` are the --option
+    KEY=VALUE strings. The contract is in the module docstring of launch/export.py.
     """
 
 
@@ -76,8 +85,8 @@ def load_experiment(config: ml_collections.ConfigDict, *,
                     load_data: bool = True) -> Experiment:
   """Imports `config.experiment` and returns its `Experiment(config)`.
 
-  With load_data=False (prediction), `Experiment(config, load_data=False)`: the model only, no
-  dataset read; experiments that do not take the argument cannot be used for prediction.
+  With load_data=False (prediction, export), `Experiment(config, load_data=False)`: the model
+  only, no dataset read; experiments that do not take the argument cannot be used for those.
   """
   name = config_utils.require(config, 'experiment')
   try:
@@ -95,23 +104,52 @@ def load_experiment(config: ml_collections.ConfigDict, *,
   if 'load_data' not in inspect.signature(module.Experiment).parameters:
     raise config_utils.ConfigError(
         f"config.experiment: '{name}' cannot build its model without its dataset (its "
-        'Experiment takes no load_data argument), so it does not support prediction')
+        'Experiment takes no load_data argument), so it supports neither prediction nor export')
   return module.Experiment(config, load_data=False)
 
 
 def check_eval_result(result: Any, source: str = 'Experiment.evaluate') -> EvalResult:
   """Validates a duck-typed evaluation result and returns it as an EvalResult of floats."""
-  if not hasattr(result, 'metrics') or not hasattr(result, 'sweeps'):
-    raise TypeError(f'{source} must return an object with .metrics and .sweeps, got '
-                    f'{type(result).__name__}')
+  if not hasattr(result, 'metrics'):
+    raise TypeError(f'{source} must return an object with .metrics (and optionally .figures), '
+                    f'got {type(result).__name__}')
   metrics = {str(k): float(v) for k, v in dict(result.metrics).items()}
-  sweeps = list(result.sweeps)
-  for i, sweep in enumerate(sweeps):
-    missing = {'sweep_id', 'pred_global', 'gt_global'} - set(sweep)
-    if missing:
-      raise ValueError(f'{source}: sweeps[{i}] lacks keys {sorted(missing)}')
-    pred, gt = np.shape(sweep['pred_global']), np.shape(sweep['gt_global'])
-    if pred != gt or len(pred) != 3 or pred[1:] != (4, 4):
-      raise ValueError(f"{source}: sweeps[{i}] ('{sweep['sweep_id']}'): pred_global {pred} and "
-                       f'gt_global {gt} must both be (N, 4, 4)')
-  return EvalResult(metrics=metrics, sweeps=sweeps)
+  figures = dict(getattr(result, 'figures', None) or {})
+  for name, figure in figures.items():
+    if isinstance(figure, np.ndarray) and (figure.ndim != 3 or figure.shape[-1] != 3
+                                           or figure.dtype != np.uint8):
+      raise ValueError(f'{source}: figures[{name!r}] is an array of shape {figure.shape} and '
+                       f'dtype {figure.dtype}; expected (H, W, 3) uint8 or a matplotlib Figure')
+  return EvalResult(metrics=metrics, figures=figures)
+
+
+@dataclasses.dataclass
+class Run:
+  """A checkpoint ready for inference: its experiment (model only), variables and config."""
+  experiment: Any
+  variables: Any
+  config: ml_collections.ConfigDict
+  checkpoint_dir: str  # The step folder, e.g. '<run>/best/900'.
+  step: int
+
+  @property
+  def run_dir(self) -> str:
+    return os.path.dirname(os.path.dirname(self.checkpoint_dir))
+
+
+def restore_run(checkpoint: str) -> Run:
+  """Restores a run folder's best (else latest) checkpoint or a step folder, on one device.
+
+  Inference (prediction, export) runs one input at a time: one device, whatever the layout the
+  run was saved with. The experiment is built with load_data=False.
+  """
+  if not os.path.isdir(checkpoint):
+    raise FileNotFoundError(f'--checkpoint={checkpoint}: no such folder')
+  step_dir = os.path.basename(os.path.normpath(checkpoint)).isdigit()
+  directory, step = checkpointing.find_checkpoint(None if step_dir else checkpoint,
+                                                  checkpoint if step_dir else 'best')
+  variables, config_json = checkpointing.restore_variables(
+      directory, step, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  config = config_utils.from_json_dict(config_json)
+  return Run(experiment=load_experiment(config, load_data=False), variables=variables,
+             config=config, checkpoint_dir=os.path.join(directory, str(step)), step=step)

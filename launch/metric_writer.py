@@ -42,6 +42,14 @@ class MetricWriter:
       self._writer.close()
 
 
+def format_table(metrics: Mapping[str, float]) -> str:
+  """Two aligned columns: metric name, value."""
+  width = max((len(k) for k in metrics), default=6)
+  lines = [f'{"metric":<{width}}  value', f'{"-" * width}  ------------']
+  lines += [f'{k:<{width}}  {v:.6g}' for k, v in sorted(metrics.items())]
+  return '\n'.join(lines)
+
+
 def format_duration(seconds: float) -> str:
   """3725 -> '1:02:05'."""
   if not np.isfinite(seconds):

@@ -3,8 +3,9 @@ and `.safetensors` files (read and written without either package).
 
 `load_state_dict(path)` gives a model's state dict (raw, or the 'model' entry of a training
 checkpoint); `load(path)` gives any checkpoint's whole object; `save_state_dict` writes one (torch).
-`read_safetensors` / `write_safetensors` handle safetensors; `read_checkpoint` takes either.
-These live in launch/ because both model packages need them and never import each other.
+`read_safetensors` / `write_safetensors` handle safetensors; `read_checkpoint` and
+`read_state_dict` take either.
+The runtime reads and writes the files (launch.convert); model packages convert the arrays.
 
 Format: the zip container of `torch.save` since torch 1.6: `<name>/data.pkl` is the pickled
 object, and every tensor storage is the raw bytes of `<name>/data/<key>`.
@@ -435,3 +436,9 @@ def read_checkpoint(path: str) -> Any:
   """A .safetensors file as a flat dict, or a torch.save file as its unpickled object (no torch)."""
   path = os.fspath(path)
   return read_safetensors(path) if path.endswith('.safetensors') else load(path)
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A model's state dict from a .safetensors file or a torch.save file (`load_state_dict`)."""
+  path = os.fspath(path)
+  return read_safetensors(path) if path.endswith('.safetensors') else load_state_dict(path)

@@ -41,7 +41,7 @@ Config keys read by the trainer (model-specific keys are read by the experiment)
   fsdp, fsdp_min_size_mb  shard state leaves >= fsdp_min_size_mb (default 4) over the devices.
   num_workers             Grain worker processes that the trainer adds to the training
                           pipeline (mp_prefetch; 0 = in-process).
-  num_plot_sweeps         trajectory plots logged to TensorBoard per evaluation (default 4).
+  num_eval_figures        figures of each evaluation logged to TensorBoard (default 4).
   distributed             coordinator_address, num_processes, process_id (flags take precedence).
 Optional keys that may be overridden on the command line while unset must be declared with
 `ml_collections.config_dict.placeholder(type)` in the config file (e.g. total_steps,
@@ -63,6 +63,7 @@ from launch import config_utils
 from launch import metric_writer
 from launch import sharding
 from launch import trainer
+from launch import xla_flags
 
 FLAGS = flags.FLAGS
 
@@ -81,6 +82,7 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  xla_flags.apply_defaults()
   config = FLAGS.config
   distributed = config.get('distributed') or {}
 

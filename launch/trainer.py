@@ -111,17 +111,14 @@ def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]], last_good: in
 
 def _evaluate(experiment, state, step: int, config, writer: metric_writer.MetricWriter
               ) -> experiment_lib.EvalResult:
-  """Runs the experiment's evaluation, logs its metrics and trajectory plots."""
+  """Runs the experiment's evaluation, logs its metrics and its first figures."""
   result = experiment_lib.check_eval_result(experiment.evaluate(state['variables']))
   logging.info('eval @ step %d: %s', step,
                ', '.join(f'{k}={v:.6g}' for k, v in sorted(result.metrics.items())))
   writer.scalars(step, {f'eval/{k}': v for k, v in result.metrics.items()})
   if jax.process_index() == 0:
-    images = {}
-    for sweep in result.sweeps[:int(config.get('num_plot_sweeps', 4))]:
-      images[f'eval/trajectory/{plots.safe_filename(sweep["sweep_id"])}'] = (
-          plots.figure_to_array(plots.sweep_figure(sweep)))
-    writer.images(step, images)
+    shown = list(result.figures.items())[:int(config.get('num_eval_figures', 4))]
+    writer.images(step, {f'eval/{name}': plots.to_array(figure) for name, figure in shown})
   writer.flush()
   return result
 

@@ -6,7 +6,7 @@
 `--original` is a checkout of github.com/ImFusionGmbH/DualTrack (imported from there, never copied
 into this repository). Its environment needs torch, transformers (4.55; 4.57 behaves the same on
 these code paths), timm, einops, omegaconf, scipy, h5py, matplotlib and torchvision (a pure-Python
-copy of the wheel is enough, see the spec's section 12).
+copy of the wheel is enough: docs/dualtrack.md, section "Reference environment").
 
 Every block is built with the original's own builders, filled with `random_state_dict` weights by
 a strict `load_state_dict`, and run in float32, eval mode, under `torch.no_grad()`. See

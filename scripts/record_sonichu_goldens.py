@@ -3,8 +3,9 @@
     python scripts/record_sonichu_goldens.py --ijepa=/path/to/ijepa [--out=tests/fixtures/sonichu]
 
 Needs torch, timm (with torchvision; a pure-Python copy of the wheel is enough, see
-specs/dualtrack_spec.md section 12), safetensors and numpy. `--ijepa` is a checkout of
-github.com/facebookresearch/ijepa, imported from there (never copied into this repository).
+docs/dualtrack.md, section "Reference environment"), safetensors and numpy. `--ijepa` is a
+checkout of github.com/facebookresearch/ijepa, imported from there (never copied into this
+repository).
 
 Reduced models (patch 16, width 32, depth 2, 2 heads; heads of 16 filters) with seeded random
 weights, float32, eval mode, `torch.no_grad()`. Written to `--out`:

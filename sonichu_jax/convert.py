@@ -12,9 +12,9 @@ Names. Flax paths are the torch names with `/` for `.` (`blocks_3/attn/qkv/kerne
 ConvTranspose2d (I, O, kh, kw) both -> permutation (2, 3, 1, 0), giving Flax's (kh, kw, I, O) and
 transpose-kernel (kh, kw, O, I) layouts.
 
-The SONICHU file layout (our convention; the published file's names are unknown, spec 11.1) is the
-backbone under `backbone.` with timm names and each head under `heads.{task}.` with mmpose's
-`TopdownHeatmapSimpleHead` names, as `to_sonichu` writes it.
+The SONICHU file layout (our convention; the published file's names are unknown: docs/sonichu.md,
+section "Checkpoint layout") is the backbone under `backbone.` with timm names and each head under
+`heads.{task}.` with mmpose's `TopdownHeatmapSimpleHead` names, as `to_sonichu` writes it.
 
 Files (`.safetensors`, `torch.save`) are read and written by launch/torch_io.py, without torch;
 this module works on in-memory state dicts.

@@ -1,6 +1,7 @@
 """Keypoint and biometry metrics of the FM_UIA challenge and the SONICHU card (NumPy, float64).
 
-Errors are in original-image pixels (spec 7.4), from keypoints (..., K, 2) as (x, y).
+Errors are in original-image pixels (as FM_UIA's `evaluate.py`: no pixel spacing, no
+normalisation), from keypoints (..., K, 2) as (x, y).
 
 - Per sample: MRE_s = mean over the K keypoints of the Euclidean distance (FM_UIA `evaluate.py`).
 - Per task: MRE_t = mean of MRE_s over the task's samples.
@@ -13,10 +14,11 @@ FM_UIA scores a missing ground-truth point as the point (0, 0) (its loader and e
 empty cells with [0, 0]); `visible=None` reproduces that. With a `visible` mask, MRE_s averages the
 visible keypoints only, and samples with none are left out of every mean.
 
-Success rates (SDR, spec 9) are the fraction of keypoints with radial error <= r, pooled over
-keypoints; FM_UIA images carry no pixel spacing, so radii are in pixels (SDR_RADII_PX).
+Success detection rates (SDR) are the fraction of keypoints with radial error <= r, pooled over
+keypoints; FM_UIA images carry no pixel spacing, so radii are in pixels (SDR_RADII_PX), not in mm
+as in cephalometry's 2 to 4 mm.
 
-Biometry (spec 9), from the task table's measurement kind (`sonichu_jax.tasks`):
+Biometry (docs/sonichu.md, section "Metrics"), from the measurement kind of `sonichu_jax.tasks`:
 
 | kind           | tasks              | measurements                                          |
 |----------------|--------------------|-------------------------------------------------------|
@@ -37,16 +39,16 @@ from sonichu_jax import tasks
 
 SDR_RADII_PX = (5.0, 10.0, 20.0)
 
-# AOP keypoint roles [assume]: the card does not publish them (spec 9, open question 8). Ours,
-# which the synthetic generator follows: 0 = cranial end of the pubic symphysis, 1 = its inferior
-# end (the vertex), 2 = the point where the line from the inferior end touches the fetal skull,
-# 3 = the skull's point nearest to the inferior end. AoP = angle at keypoint 1 between the rays to
-# 0 and to 2.
+# AOP keypoint roles, our assumption: the card does not publish them (docs/sonichu.md, section
+# "Tasks and keypoints"). Ours, which the synthetic generator follows: 0 = cranial end of the
+# pubic symphysis, 1 = its inferior end (the vertex), 2 = the point where the line from the
+# inferior end touches the fetal skull, 3 = the skull's point nearest to the inferior end.
+# AoP = angle at keypoint 1 between the rays to 0 and to 2.
 AOP_ANGLE_KEYPOINTS = (0, 1, 2)
 
 # Names of the measurements, in the order of the keypoint pairs. The cardiac names follow a
-# third-party FM_UIA scoring module (spec 7.3, unverified); A4C: per chamber its up-down, then its
-# left-right dimension.
+# third-party FM_UIA scoring module (unverified; docs/sonichu.md, section "Tasks and keypoints");
+# A4C: per chamber its up-down, then its left-right dimension.
 MEASUREMENT_NAMES: dict[str, tuple[str, ...]] = {
     'AOP': ('AoP',),
     'FUGC': ('CL',),

@@ -1,16 +1,16 @@
-"""SONICHU input preprocessing, and its outputs back in image pixels (model card; spec 3.1).
+"""SONICHU input preprocessing, and its outputs back in image pixels (as the model card says).
 
 An image of any size becomes a (256, 256, 3) float32 array: grayscale is replicated to three
 channels (RGB stays RGB, as the card says), the image is stretched to 256 x 256 without keeping the
 aspect ratio, scaled to [0, 1] and normalised with the ImageNet mean and std. The model's normalised
 keypoints then map back by x * W0, y * H0 (the card's `kps_norm * [orig_w, orig_h]`), which is right
-because the resize is a stretch, not a letterbox.
+because the resize is a stretch, not a letterbox (docs/sonichu.md, section "Preprocessing").
 
-The resize is bilinear with half-pixel centres and no antialiasing: OpenCV's INTER_LINEAR, the
-default of the `cv2.resize` that the card's example code uses, and torch's
+The resize is bilinear with half-pixel centres and no antialiasing: OpenCV's INTER_LINEAR (the
+default of `cv2.resize`; the card's example code reads images with OpenCV) and torch's
 `interpolate(mode='bilinear', align_corners=False)`. (The exact interpolation of SONICHU's
-preprocessor is unpublished, spec 11.9.) It is NumPy, for the host-side data pipeline where every
-image has its own size.
+preprocessor is unpublished: docs/sonichu.md, section "Unpublished details and our choices".) It
+is NumPy, for the host-side data pipeline where every image has its own size.
 """
 import numpy as np
 

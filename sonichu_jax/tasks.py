@@ -5,22 +5,23 @@ the augmentations and the metrics all read it. Names, order and keypoint counts 
 SONICHU model card (sum of K = 60).
 
 Flip pairs say which keypoints exchange identity under a horizontal mirror of the image (used by the
-flip augmentation and by flip test-time augmentation). The card does not publish them (spec 3.6), so
-they are our convention, chosen from what the keypoints mean:
+flip augmentation and by flip test-time augmentation). The card does not publish them, so they are
+our convention (docs/sonichu.md, section "Tasks and keypoints"), chosen from what they mean:
 
 - Keypoints with an anatomical identity keep it under a mirror (the femur's proximal and distal
   ends, the cervix's internal and external os, the symphysis ends and the head tangent point of AOP,
   the IVC walls, the cardiac landmarks): no pairs.
 - The HC and FA keypoints are the two ends of two diameters (HC: OFD ends 0, 1 and BPD ends 2, 3;
   FA: TAD ends 0, 1 and APAD ends 2, 3). Their ends have no anatomical identity (HC18's are
-  ellipse-fit points, and the multi-centre benchmark scores them direction-invariantly, spec 8.3),
-  so we order each diameter's ends image-left first; a mirror then swaps both pairs. Data writers
-  must follow this order.
+  ellipse-fit points, and the multi-centre fetal biometry benchmark scores its diameters
+  direction-invariantly, the minimum over the two endpoint assignments), so we order each
+  diameter's ends image-left first; a mirror then swaps both pairs. Data writers must follow this
+  order.
 
-The measurement kind tells the metrics which clinical quantity the keypoints define (spec 9):
+The measurement kind tells the metrics which clinical quantity the keypoints define:
 `length` is the distance between keypoints 0 and 1; `ellipse` the perimeter of the ellipse with the
 two diameters (0, 1) and (2, 3); `angle` the angle of progression; `pair_lengths` the distances of
-the consecutive pairs (0, 1), (2, 3), ... (spec 7.3: 2 for PSAX, 8 for A4C, 11 for PLAX).
+the consecutive pairs (0, 1), (2, 3), ... (2 for PSAX, 8 for A4C, 11 for PLAX).
 """
 
 import dataclasses

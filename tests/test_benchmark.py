@@ -1,4 +1,4 @@
-"""Tests of the inference benchmark (launch/bench_inference.py, launch/bench_dualtrack.py).
+"""Tests of the inference benchmark (launch/bench_inference.py, dualtrack_jax/benchmarks.py).
 
 A reduced-width DualTrack (its local CNN has a temporal receptive radius of 1, so that a 4-frame
 sweep can be tiled) runs on 4-frame sweeps of 32 x 32 pixels through the benchmark's own code
@@ -9,7 +9,7 @@ not imported: its absl flags would clash with those of other entry points in one
 import numpy as np
 import pytest
 
-from launch import bench_dualtrack
+from dualtrack_jax import benchmarks
 from launch import bench_inference
 
 REDUCED = dict(max_positions=8, grid_spacing=2, hidden=16, fusion_layers=1, fusion_heads=2,
@@ -19,11 +19,12 @@ REDUCED = dict(max_positions=8, grid_spacing=2, hidden=16, fusion_layers=1, fusi
                temporal_layers=1, temporal_heads=2, temporal_intermediate=8,
                global_cnn_widths=(4, 4, 8, 8), global_cnn_stem_width=4, global_layers=1,
                global_heads=2)
-GEOMETRY = bench_dualtrack.Geometry(local_hw=(32, 32), global_hw=(32, 32))
+GEOMETRY = benchmarks.Geometry(local_hw=(32, 32), global_hw=(32, 32))
 
 
 def _cases(options: bench_inference.Options) -> list[bench_inference.Case]:
-  return list(bench_dualtrack.cases(options, geometry=GEOMETRY, overrides=REDUCED))
+  return [bench_inference.as_case(case, 'test') for case in
+          benchmarks.cases(options, geometry=GEOMETRY, overrides=REDUCED)]
 
 
 @pytest.fixture(scope='module')
@@ -107,8 +108,8 @@ def test_peak_rss_sees_a_new_allocation():
 
 
 def test_bad_options_are_refused():
-  with pytest.raises(ValueError, match='--model=.*known'):
-    bench_inference.model_module('resnet')
+  with pytest.raises(ValueError, match="--model='resnet': unknown; known: dualtrack, sonichu(, toy)?$"):
+    next(bench_inference.cases('resnet', bench_inference.Options()))
   with pytest.raises(ValueError, match='--preset=.*known'):
     _cases(bench_inference.Options(preset='tus_rec_2023'))
   with pytest.raises(ValueError, match='--dtype: unknown'):

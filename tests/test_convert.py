@@ -21,6 +21,7 @@ import pytest
 
 import dualtrack_goldens
 from dualtrack_jax import convert
+from dualtrack_jax import interface
 from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import local_encoder
 from dualtrack_jax.models import resnet2d
@@ -285,7 +286,7 @@ def test_every_stage_config_exports_the_original_keys(original, config_file, pre
       'fusion': (dualtrack.DualTrack, (frames(256), frames(224))),
   }[config.experiment.rsplit('.', 1)[1]]
   template = jax.eval_shape(module(**kwargs).init, jax.random.key(0), *inputs)
-  shapes = convert.torch_shapes(template, convert_cli.TABLES[config.experiment])
+  shapes = convert.torch_shapes(template, interface.TABLES[config.experiment])
   if config_file == 'local_stage1.py':
     expected = {'backbone.' + k: v for k, v in subset(
         original[0], 'local_encoder.0.backbone.module.backbone.module.backbone.').items()}
@@ -389,7 +390,7 @@ def test_stage1_target_scaling_is_folded_into_fc_for_torch():
   scaled = local_encoder.LocalEncoderStage1(**kw, target_mean=mean, target_std=std)
   images = jax.random.uniform(jax.random.key(1), (1, 3, 32, 32))
   variables = scaled.init(jax.random.key(0), images)
-  folded = convert_cli._fold_target_scaling(variables, {'target_mean': mean, 'target_std': std})
+  folded = interface._fold_target_scaling(variables, {'target_mean': mean, 'target_std': std})
   plain = local_encoder.LocalEncoderStage1(**kw)
   np.testing.assert_allclose(plain.apply(folded, images), scaled.apply(variables, images),
                              rtol=1e-5, atol=1e-6)
@@ -491,6 +492,11 @@ def test_cli_failures_leave_nothing(tmp_path):
   with pytest.raises(ValueError, match=r'not a stage-1 local encoder'):
     convert_cli.convert_from_torch(fixture_path('raw_state_dict.pt'), str(tmp_path / 'run'),
                                    'local_stage1')
+  with pytest.raises(ValueError, match=r"--model='dualtrack': unknown; known: local_stage1, "
+                                       r'sonichu, tus_rec_2024, tus_rec_2025'):
+    convert_cli.convert_from_torch(source, str(tmp_path / 'run'), 'dualtrack')
+  with pytest.raises(ValueError, match="--variant='sim': DualTrack conversions use the full"):
+    convert_cli.convert_from_torch(source, str(tmp_path / 'run'), 'local_stage1', variant='sim')
   assert os.listdir(tmp_path) == []
   (tmp_path / 'taken').mkdir()
   with pytest.raises(FileExistsError, match='never overwrite'):

@@ -74,7 +74,7 @@ def test_released_presets_have_the_original_sizes_and_tree(preset, total, parts)
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2, 256, 256)),
                              jnp.zeros((1, 2, 224, 224)))
   params = variables['params']
-  assert _count(params) == total  # spec section 11
+  assert _count(params) == total  # docs/dualtrack.md, section "Parameter counts"
   assert {k: _count(v) for k, v in params.items()} == parts
   # 728 torch parameters; 42 BNs x (running_mean, running_var) (num_batches_tracked dropped).
   assert len(jax.tree.leaves(params)) == 728
@@ -106,7 +106,7 @@ def test_presets_configure_the_cnn_chunking():
 def test_global_cnn_size_and_layout():
   model = resnet2d.ImageResNet()
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 1)))
-  assert _count(variables['params']) == 11_195_319  # spec 4.1
+  assert _count(variables['params']) == 11_195_319  # the original's
   out = jax.eval_shape(model.apply, variables, jnp.zeros((3, 224, 224, 1)))
   assert out.shape == (3, 14, 14, 512)  # no max-pool: 224 -> 112 -> 14
   with pytest.raises(ValueError, match=r'\(B, H, W, C\)'):
@@ -118,7 +118,7 @@ def test_regular_grid_indices():
   np.testing.assert_array_equal(dualtrack.regular_grid_indices(16), [0])
   np.testing.assert_array_equal(dualtrack.regular_grid_indices(17), [0, 16])
   idx = dualtrack.regular_grid_indices(600)
-  assert len(idx) == 38 and idx[-1] == 592  # spec section 2: M = ceil(N / 16)
+  assert len(idx) == 38 and idx[-1] == 592  # M = ceil(N / 16)
   np.testing.assert_array_equal(dualtrack.regular_grid_indices(10, 4), [0, 4, 8])
 
 

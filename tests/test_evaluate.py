@@ -1,4 +1,4 @@
-"""Tests of launch/evaluate.py (CLI and in-process) and launch/plots.py."""
+"""Tests of launch/evaluate.py (CLI and in-process) on the toy model package."""
 import glob
 import json
 import os
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+from launch import config_utils
 from launch import evaluate
-from launch import plots
+from launch import metric_writer
 from launch import trainer
 import toy_experiment
 
@@ -48,7 +49,7 @@ def test_training_logs_to_tensorboard(trained):
   tags = _event_tags(trained[0])
   for tag in ('train/loss', 'train/lr', 'train/grad_norm', 'train/steps_per_sec', 'eval/mse'):
     assert tags.get(tag) == 'simple_value', tag
-  assert tags.get('eval/trajectory/toy_0') == 'image'
+  assert tags.get('eval/errors/toy_0') == 'image'
   assert any(tag.startswith('config') for tag in tags)
 
 
@@ -67,7 +68,7 @@ def test_cli_evaluates_best_checkpoint(trained):
   assert summary['metrics']['mse'] == pytest.approx(train_metrics['mse'], rel=1e-5)
   assert summary['metrics']['rmse'] == pytest.approx(train_metrics['mse'] ** 0.5, rel=1e-5)
   assert sorted(f for f in os.listdir(out) if f.endswith('.png')) == [
-      'trajectory_toy_0.png', 'trajectory_toy_1.png']
+      'errors_toy_0.png', 'errors_toy_1.png']
   assert 'metric  value' in result.stdout and 'mse' in result.stdout
 
 
@@ -87,49 +88,26 @@ def test_evaluate_step_directory_and_latest(trained, tmp_path):
 
 
 def test_format_table():
-  table = evaluate.format_table({'b/long_metric_name': 2.5, 'a': 1e-3})
+  table = metric_writer.format_table({'b/long_metric_name': 2.5, 'a': 1e-3})
   assert table.splitlines() == ['metric              value',
                                 '------------------  ------------',
                                 'a                   0.001',
                                 'b/long_metric_name  2.5']
 
 
-def _pose(angle_deg, translation):
-  a = np.deg2rad(angle_deg)
-  g = np.eye(4)
-  g[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
-  g[:3, 3] = translation
-  return g
-
-
-def test_trajectory_points_use_image_centre_and_corners():
-  g = np.stack([np.eye(4), _pose(90, [10, 0, 5])])
-  pixel_to_image = np.diag([0.5, 0.25, 1.0, 1.0])  # 0.5 mm per column, 0.25 mm per row
-  points = plots.trajectory_points(g, pixel_to_image, image_shape=(40, 20))  # H=40, W=20
-  assert points.shape == (2, 5, 3)
-  # Frame 0: centre at (W/2 * 0.5, H/2 * 0.25) = (5, 5); corner (W, 0) at (10, 0).
-  np.testing.assert_allclose(points[0, 0], [5, 5, 0])
-  np.testing.assert_allclose(points[0, 2], [10, 0, 0])
-  # Frame 1 rotates by 90 degrees about z, then translates: (x, y) -> (-y + 10, x).
-  np.testing.assert_allclose(points[1, 0], [5, 5, 5], atol=1e-12)
-  np.testing.assert_allclose(points[1, 2], [10, 10, 5], atol=1e-12)
-  # Without calibration: the frame origins.
-  np.testing.assert_allclose(plots.trajectory_points(g)[:, 0], [[0, 0, 0], [10, 0, 5]])
-
-
-def test_trajectory_figure_renders():
-  steps = np.cumsum(np.ones((5, 3)), axis=0)
-  gt = np.tile(np.eye(4), (5, 1, 1))
-  gt[:, :3, 3] = steps
-  pred = gt.copy()
-  pred[:, 0, 3] *= 1.5
-  fig = plots.trajectory_figure(pred, gt, title='sweep 1', pixel_to_image=np.eye(4),
-                                image_shape=(4, 6), outline_every=2)
-  image = plots.figure_to_array(fig)
-  assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-  assert len(fig.axes) == 3 and fig.axes[1].get_xlabel() == 'x (mm)'
-  assert fig.axes[1].get_ylabel() == 'z (mm)'
-  # Both trajectories and their start markers, plus 3 outlines each (frames 0, 2, 4).
-  assert len(fig.axes[0].lines) == 2 * (2 + 3)
-  assert image.std() > 0  # not blank
-  assert plots.safe_filename('tus-rec/000 a b') == 'tus-rec_000_a_b'
+def test_set_overrides_the_saved_config(trained, tmp_path):
+  workdir, _ = trained
+  # Another validation set: more and longer sweeps give other metrics from the same variables.
+  base = evaluate.evaluate_checkpoint(workdir, 'best', out=str(tmp_path / 'a'))
+  more = evaluate.evaluate_checkpoint(workdir, 'best', out=str(tmp_path / 'b'),
+                                      overrides=['toy.num_val_sweeps=3'])
+  assert more['overrides'] == ['toy.num_val_sweeps=3']
+  assert more['metrics']['mse'] != base['metrics']['mse']
+  assert len([f for f in os.listdir(tmp_path / 'b') if f.endswith('.png')]) == 3
+  with pytest.raises(config_utils.ConfigError, match="unknown config key 'toy.num_val'.*Did you "
+                                                       'mean: toy.num_val_sweeps'):
+    evaluate.evaluate_checkpoint(workdir, 'best', overrides=['toy.num_val=3'])
+  with pytest.raises(config_utils.ConfigError, match='--set=seed: expected KEY=VALUE'):
+    evaluate.evaluate_checkpoint(workdir, 'best', overrides=['seed'])
+  with pytest.raises(config_utils.ConfigError, match='--set=seed=abc'):
+    evaluate.evaluate_checkpoint(workdir, 'best', overrides=['seed=abc'])

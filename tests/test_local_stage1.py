@@ -88,6 +88,7 @@ def test_evaluation_composes_whole_sweep_predictions(tmp_path):
   variables = experiment.init(jax.random.key(0), batch)
   result = experiment.evaluate(variables)
   (sweep,) = result.sweeps
+  assert list(result.figures) == [f'trajectory/{sweep["sweep_id"]}']
   val = next(iter(local_stage1.pipeline.whole_sweeps(
       experiment.val_records, crop_hw=(32, 32), seed=0, augment=None, shuffle=False,
       num_epochs=1)))

@@ -1,4 +1,5 @@
-"""Tests of launch/predict.py and the stage-1 `predict_sweep`: whole-sweep outputs of a checkpoint.
+"""Tests of DualTrack's sweep prediction (dualtrack_jax/predict.py through launch/predict.py) and the
+stage-1 `predict_sweep`: whole-sweep outputs of a checkpoint.
 
 The checkpoint is an initialised (untrained) tiny stage-1 model saved as a run's best variables:
 prediction needs no training, and its outputs are checked against the evaluation code path.
@@ -16,6 +17,8 @@ import pytest
 
 from dualtrack_jax import metrics
 from dualtrack_jax import pose
+from dualtrack_jax import predict as sweep_predict
+from dualtrack_jax import volume
 from dualtrack_jax.data import registry
 from dualtrack_jax.data import simulator
 from dualtrack_jax.data import sweeps
@@ -72,22 +75,28 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def restored(run):
-  return predict.restore(run[0])
+  return experiment_lib.restore_run(run[0])
+
+
+def predict_sweeps(restored, out=None, **options):
+  """What `launch.predict --sweep/--dataset` does: the package's plan, published by the runtime."""
+  units = sweep_predict.plan(restored, **options)
+  return predict.publish(units, out or predict.default_out(restored))
 
 
 def test_restore_finds_the_best_checkpoint(run, restored):
   assert restored.step == 7
   assert restored.checkpoint_dir == os.path.join(run[0], 'best', '7')
   assert restored.run_dir == run[0]
-  assert predict.restore(restored.checkpoint_dir).step == 7  # a step folder works too
+  assert experiment_lib.restore_run(restored.checkpoint_dir).step == 7  # a step folder works too
   with pytest.raises(FileNotFoundError, match='--checkpoint=/no/such/run: no such folder'):
-    predict.restore('/no/such/run')
+    experiment_lib.restore_run('/no/such/run')
 
 
 def test_predict_writes_every_output(run, restored, tmp_path):
   _, path = run
   out = str(tmp_path / 'out')
-  results = predict.predict_sweeps(restored, sweep_paths=[path], out=out, spacing_mm=0.5)
+  results = predict_sweeps(restored, sweep_paths=[path], out=out, spacing_mm=0.5)
   assert os.listdir(out) == ['sweep_one']  # no temporary folder left
   folder = os.path.join(out, 'sweep_one')
   umask = os.umask(0)
@@ -144,7 +153,7 @@ def test_predict_writes_every_output(run, restored, tmp_path):
 def test_volume_is_compounded_at_the_predicted_poses(run, restored, tmp_path):
   _, path = run
   out = str(tmp_path / 'out')
-  predict.predict_sweeps(restored, sweep_paths=[path], out=out, spacing_mm=0.4,
+  predict_sweeps(restored, sweep_paths=[path], out=out, spacing_mm=0.4,
                          volume_format='h5', compounding='trilinear')
   folder = os.path.join(out, 'sweep_one')
   assert sorted(os.listdir(folder)) == sorted(
@@ -152,7 +161,7 @@ def test_volume_is_compounded_at_the_predicted_poses(run, restored, tmp_path):
   with h5py.File(os.path.join(folder, 'poses.h5'), 'r') as f:
     pred = f['global_transforms'][()]
   with sweeps.SweepReader(path) as reader:
-    expected = predict.volume_lib.reconstruct(reader.images(0, FRAMES), pred,
+    expected = volume.reconstruct(reader.images(0, FRAMES), pred,
                                               reader.pixel_to_image, 0.4, method='trilinear')
   with h5py.File(os.path.join(folder, 'volume.h5'), 'r') as f:
     np.testing.assert_array_equal(f['volume'][()], expected.data)
@@ -169,7 +178,7 @@ def test_sweep_without_tracking_gets_poses_and_volume_but_no_metrics(run, restor
       if key != sweeps.TRACKING:
         src.copy(key, dst)
   out = str(tmp_path / 'out')
-  results = predict.predict_sweeps(restored, sweep_paths=[sensorless], out=out, spacing_mm=0.5,
+  results = predict_sweeps(restored, sweep_paths=[sensorless], out=out, spacing_mm=0.5,
                                    volume_format='h5')
   assert results == {'sensorless': {}}
   folder = os.path.join(out, 'sensorless')
@@ -188,29 +197,29 @@ def test_dataset_input_reruns_replace_and_failures_leave_nothing(run, restored, 
   registry.write_sweep_csv(csv, [registry.SweepRecord('val/7', path, 'val'),
                                  registry.SweepRecord('train_1', path, 'train')])
   out = str(tmp_path / 'out')
-  first = predict.predict_sweeps(restored, dataset=csv, split='val', out=out)
+  first = predict_sweeps(restored, dataset=csv, split='val', out=out)
   assert list(first) == ['val/7'] and os.listdir(out) == ['val_7']
   stamp = os.path.join(out, 'val_7', 'stale')
   open(stamp, 'w').close()
-  predict.predict_sweeps(restored, dataset=csv, split='val', out=out)
+  predict_sweeps(restored, dataset=csv, split='val', out=out)
   assert sorted(os.listdir(os.path.join(out, 'val_7'))) == OUTPUTS  # replaced as a whole
   assert os.listdir(out) == ['val_7']
   # A failure half-way (the volume is refused) leaves no folder for the sweep.
   with pytest.raises(ValueError, match='max_voxels=10'):
-    predict.predict_sweeps(restored, dataset=csv, split='train', out=out, max_voxels=10)
+    predict_sweeps(restored, dataset=csv, split='train', out=out, max_voxels=10)
   assert os.listdir(out) == ['val_7']
 
 
 def test_input_errors_name_what_is_wrong(run, restored, tmp_path):
   _, path = run
   with pytest.raises(ValueError, match='not both and not neither'):
-    predict.predict_sweeps(restored, out=str(tmp_path))
+    predict_sweeps(restored, out=str(tmp_path))
   with pytest.raises(ValueError, match='not both'):
-    predict.predict_sweeps(restored, sweep_paths=[path], dataset='tus-rec', out=str(tmp_path))
-  with pytest.raises(ValueError, match='would both write to the folder'):
-    predict.predict_sweeps(restored, sweep_paths=[path, path], out=str(tmp_path))
+    predict_sweeps(restored, sweep_paths=[path], dataset='tus-rec', out=str(tmp_path))
+  with pytest.raises(ValueError, match="'sweep one' would both write 'sweep_one'"):
+    predict_sweeps(restored, sweep_paths=[path, path], out=str(tmp_path))
   with pytest.raises(ValueError, match='--volume_format must be one of'):
-    predict.predict_sweeps(restored, sweep_paths=[path], volume_format='nrrd')
+    predict_sweeps(restored, sweep_paths=[path], volume_format='nrrd')
   small = str(tmp_path / 'small.h5')
   sweep = simulator.simulate_sweep(simulator.SimulatorConfig(height=16, width=48,
                                                              num_frames=(3, 3)), seed=0)
@@ -218,14 +227,17 @@ def test_input_errors_name_what_is_wrong(run, restored, tmp_path):
   with pytest.raises(sweeps.SweepFileError,
                      match=r"small\.h5: key 'images': frames of 16x48 pixels are smaller than "
                            r'the 32x32 centre crop'):
-    predict.predict_sweeps(restored, sweep_paths=[small], out=str(tmp_path / 'o'))
+    predict_sweeps(restored, sweep_paths=[small], out=str(tmp_path / 'o'))
   assert os.listdir(tmp_path / 'o') == []
 
 
-def test_experiments_without_prediction_support_are_refused():
-  config = ml_collections.ConfigDict({'experiment': 'toy_experiment'})  # tests/toy_experiment.py
+def test_experiments_without_prediction_support_are_refused(tmp_path, monkeypatch):
+  (tmp_path / 'data_only.py').write_text(
+      'class Experiment:\n  def __init__(self, config):\n    self.config = config\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  config = ml_collections.ConfigDict({'experiment': 'data_only'})
   with pytest.raises(config_utils.ConfigError,
-                     match="'toy_experiment' cannot build its model without its dataset"):
+                     match="'data_only' cannot build its model without its dataset"):
     experiment_lib.load_experiment(config, load_data=False)
 
 

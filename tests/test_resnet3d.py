@@ -58,7 +58,7 @@ def tiny_encoder():
 def test_default_parameter_count_and_torch_key_layout():
   model = resnet3d.VideoResNet()
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4, 256, 256, 1)))
-  assert _count(variables['params']) == 33_148_983  # spec 3.1, includes BN affine params
+  assert _count(variables['params']) == 33_148_983  # the original's, with BN affine params
   params, stats = _paths(variables['params']), _paths(variables['batch_stats'])
   # torch: stem.0.weight (45, 1, 1, 7, 7); layer2.0.downsample.0.weight (128, 64, 1, 1, 1).
   assert params['stem/0/kernel'].shape == (1, 7, 7, 1, 45)
@@ -74,7 +74,7 @@ def test_default_parameter_count_and_torch_key_layout():
 def test_small_window_variant():
   model = resnet3d.VideoResNet(temporal_kernels=resnet3d.SMALL_WINDOW)
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4, 256, 256, 1)))
-  assert _count(variables['params']) == 11_472_951  # spec 3.1: "11.47 M params"
+  assert _count(variables['params']) == 11_472_951  # the original's small-window CNN
   assert _paths(variables['params'])['layer2/0/conv1/0/kernel'].shape == (1, 3, 3, 64, 128)
   assert model.temporal_radius == 5
 
@@ -171,7 +171,9 @@ def test_batch_norm_train_mode_updates_statistics_with_momentum_0_9(tiny_net):
     bn, stat = path.rsplit('/', 1)
     parent, index = bn.rsplit('/', 1)
     conv_out = np.asarray(acts[f'{parent}/{int(index) - 1}/__call__'][0], np.float64)
-    batch = conv_out.mean((0, 1, 2, 3)) if stat == 'mean' else conv_out.var((0, 1, 2, 3))
+    # torch's update: the running variance takes the unbiased batch variance (ddof=1).
+    batch = (conv_out.mean((0, 1, 2, 3)) if stat == 'mean'
+             else conv_out.var((0, 1, 2, 3), ddof=1))
     init = 0.0 if stat == 'mean' else 1.0
     np.testing.assert_allclose(value, 0.9 * init + 0.1 * batch, rtol=1e-4, atol=1e-6,
                                err_msg=path)

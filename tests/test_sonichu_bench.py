@@ -1,4 +1,4 @@
-"""Tests of SONICHU's inference benchmark cases (launch/bench_sonichu.py), without torch.
+"""Tests of SONICHU's inference benchmark cases (sonichu_jax/benchmarks.py), without torch.
 
 A reduced SONICHU (2-block ViT of width 32, heads of 16 filters) at the real 256x256 input runs
 through the benchmark's own code path; its output must be the model's keypoints for the case's
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from launch import bench_inference
-from launch import bench_sonichu
+from sonichu_jax import benchmarks
 
 REDUCED = dict(embed_dim=32, depth=2, num_heads=2, head_filters=16)
 
@@ -16,19 +16,19 @@ REDUCED = dict(embed_dim=32, depth=2, num_heads=2, head_filters=16)
 @pytest.fixture(scope='module')
 def measured():
   options = bench_inference.Options(sizes=(2,), dtypes=('float32', 'bfloat16'), steps=2)
-  (case,) = list(bench_sonichu.cases(options, overrides=REDUCED))
+  (case,) = [bench_inference.as_case(c, 'test') for c in benchmarks.cases(options,
+                                                                           overrides=REDUCED)]
   return case, bench_inference.measure_case(case, options)
 
 
 def test_case_runs_the_model_on_a_batch_of_images(measured):
   case, results = measured
-  assert bench_inference.model_module('sonichu') is bench_sonichu
   (images,) = case.inputs
   assert images.shape == (2, 256, 256, 3) and case.items == 2 and case.item_name == 'images'
   f32, bf16 = results
   assert f32.side == 'jax float32' and bf16.side == 'jax bfloat16'
-  model = bench_sonichu.sonichu.SonichuModel(**REDUCED, tasks=(bench_sonichu.TASK,))
-  want = model.apply(case.variants[0].variables, images, bench_sonichu.TASK)
+  model = benchmarks.sonichu.SonichuModel(**REDUCED, tasks=(benchmarks.TASK,))
+  want = model.apply(case.variants[0].variables, images, benchmarks.TASK)
   np.testing.assert_allclose(f32.output, np.asarray(want), atol=1e-6)
   assert f32.output.shape == (2, 4, 2)
   # Seeded noise weights give keypoints away from the centre (else the comparison is empty).
@@ -41,10 +41,10 @@ def test_case_runs_the_model_on_a_batch_of_images(measured):
 
 def test_bad_options_are_refused():
   with pytest.raises(ValueError, match='--original=.*use --original=timm'):
-    next(bench_sonichu.cases(bench_inference.Options(original='/src/sonichu')))
+    next(benchmarks.cases(bench_inference.Options(original='/src/sonichu')))
   with pytest.raises(ValueError, match='--preset'):
-    next(bench_sonichu.cases(bench_inference.Options(preset='vitpose')))
+    next(benchmarks.cases(bench_inference.Options(preset='vitpose')))
   with pytest.raises(ValueError, match='--dtype'):
-    next(bench_sonichu.cases(bench_inference.Options(dtypes=('float16',))))
+    next(benchmarks.cases(bench_inference.Options(dtypes=('float16',))))
   with pytest.raises(ValueError, match='--tile'):
-    next(bench_sonichu.cases(bench_inference.Options(tile=4)))
+    next(benchmarks.cases(bench_inference.Options(tile=4)))

@@ -202,7 +202,8 @@ def test_evaluate_reports_model_and_mean_keypoint_metrics(setup):
   _, experiment, _, _, state, _ = setup
   variables = state['variables']
   result = experiment.evaluate(variables)
-  assert result.sweeps == []
+  # Per task, its first validation image with the predicted keypoints.
+  assert sorted(result.figures) == sorted(f'keypoints/{name}' for name in EVAL_TASKS)
   pred, target, base = {}, {}, {}
   for name in EVAL_TASKS:
     train = [r for r in experiment.train_records if r.task == name]

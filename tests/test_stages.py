@@ -167,7 +167,9 @@ def _load(name):
 
 
 def test_full_configs_keep_the_original_hyper_parameters():
-  table = {  # lr, weight decay, epochs, warmup epochs, batch, eval every (spec 13 and 14)
+  # lr, weight decay, epochs, warmup epochs, batch, eval every: the original recipes
+  # (docs/dualtrack.md, sections "Training recipes" and "TUS-REC 2025 finetuning").
+  table = {
       'local_stage2.py': (1e-3, 0.0, 500, 0, 16, 10),
       'local_stage3.py': (1e-4, 0.0, 500, 0, 1, 10),
       'global_encoder.py': (1e-4, 1e-3, 5000, 0, 4, 100),

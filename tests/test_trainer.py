@@ -152,15 +152,15 @@ def test_config_diff_and_json_round_trip():
 
 
 def test_eval_result_is_checked():
-  good = toy_experiment.ToyEvalResult(metrics={'m': np.float32(1.5)}, sweeps=[
-      {'sweep_id': 's', 'pred_global': np.eye(4)[None], 'gt_global': np.eye(4)[None]}])
+  picture = np.zeros((2, 3, 3), np.uint8)
+  good = toy_experiment.ToyEvalResult(metrics={'m': np.float32(1.5)}, figures={'a/b': picture})
   result = experiment_lib.check_eval_result(good)
   assert result.metrics == {'m': 1.5} and isinstance(result.metrics['m'], float)
-  bad = toy_experiment.ToyEvalResult(metrics={}, sweeps=[
-      {'sweep_id': 's', 'pred_global': np.eye(4)[None], 'gt_global': np.eye(4)[None, :3]}])
-  with pytest.raises(ValueError, match=r"sweeps\[0\] \('s'\).*must both be \(N, 4, 4\)"):
+  assert result.figures == {'a/b': picture}
+  bad = toy_experiment.ToyEvalResult(metrics={}, figures={'a': picture[..., :1]})
+  with pytest.raises(ValueError, match=r"figures\['a'\] is an array of shape \(2, 3, 1\)"):
     experiment_lib.check_eval_result(bad)
-  with pytest.raises(TypeError, match='.metrics and .sweeps'):
+  with pytest.raises(TypeError, match='with .metrics'):
     experiment_lib.check_eval_result({'metrics': {}})
 
 

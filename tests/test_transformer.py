@@ -238,7 +238,7 @@ def test_released_sizes():
   def count(module, *shapes):
     args = [jnp.zeros(s) for s in shapes]
     return _count(jax.eval_shape(module.init, jax.random.key(0), *args)['params'])
-  # Spec section 11.
+  # The original's sizes (docs/dualtrack.md, section "Parameter counts").
   assert count(transformer.ViTEncoder(), (1, 16, 16, 512)) == 219_840
   assert count(transformer.BertEncoder(4, 4, 32, max_positions=1024), (1, 2, 64)) == 215_360
   assert count(transformer.BertEncoder(4, 4, 32, max_positions=4096), (1, 2, 64)) == 608_576

@@ -1,13 +1,17 @@
-"""A tiny experiment (Conv + BatchNorm + Dropout + Dense regression) that exercises the runtime.
+"""A tiny third model package (Conv + BatchNorm + Dropout + Dense regression) for the runtime.
 
-It is both the experiment module (`config.experiment = 'toy_experiment'`, importable with tests/ on
-PYTHONPATH) and its config file (`--config=tests/toy_experiment.py`). The data are generated
-deterministically in a Grain pipeline (range -> shuffle -> repeat -> random_map -> batch -> shard):
-random 8x8 images, and as targets the spatial means of a ReLU'd 3x3 "teacher" convolution read
-from `config.data_file` (an .npz with 'kernel' (3, 3, 1, 3)), which the model can learn. It
-follows the runtime's protocol without importing `launch`.
+It is at once the experiment module (`config.experiment = 'toy_experiment'`, importable with
+tests/ on PYTHONPATH), its config file (`--config=tests/toy_experiment.py`) and its package's
+interface (launch/models.py), registered as `toy` by tests/toy_experiment-0.0.dist-info (what pip
+would write for an installed package): train, evaluate, predict, export and benchmark reach it
+without a line of launch/ naming it. The data are generated deterministically in a Grain
+pipeline (range -> shuffle -> repeat -> random_map -> batch -> shard): random 8x8 images, and as
+targets the spatial means of a ReLU'd 3x3 "teacher" convolution read from `config.data_file` (an
+.npz with 'kernel' (3, 3, 1, 3)), which the model can learn. It never imports `launch`.
 """
 import dataclasses
+import functools
+import json
 import os
 import time
 
@@ -82,14 +86,18 @@ class ToyModel(nn.Module):
 @dataclasses.dataclass
 class ToyEvalResult:
   metrics: dict
-  sweeps: list
+  figures: dict
 
 
 class Experiment:
   """The runtime's experiment protocol for the toy regression."""
 
-  def __init__(self, config):
+  def __init__(self, config, *, load_data: bool = True):
     self.config = config
+    self.model = ToyModel()
+    self._predict = jax.jit(lambda variables, x: self.model.apply(variables, x, train=False))
+    if not load_data:
+      return
     path = config.data_file
     if not path or not os.path.isfile(path):
       raise FileNotFoundError(f'{path or "(empty)"}: toy data file not found (config.data_file)')
@@ -97,13 +105,11 @@ class Experiment:
       if 'kernel' not in data:
         raise KeyError(f"{path}: key 'kernel' missing (config.data_file)")
       self.kernel = data['kernel']
-    self.model = ToyModel()
     size = config.toy.image_size
     rng = np.random.default_rng(1234)
     shape = (config.toy.num_val_sweeps, config.toy.val_sweep_length, size, size, 1)
     self.val_images = rng.standard_normal(shape).astype(np.float32)
     self.val_targets = teacher_targets(self.val_images, self.kernel)
-    self._predict = jax.jit(lambda variables, x: self.model.apply(variables, x, train=False))
 
   @property
   def steps_per_epoch(self) -> int:
@@ -150,16 +156,81 @@ class Experiment:
     n, t = self.val_images.shape[:2]
     images = self.val_images.reshape((n * t,) + self.val_images.shape[2:])
     pred = np.asarray(self._predict(variables, images)).reshape(n, t, 3)
-    sweeps = []
-    for i in range(n):
-      sweeps.append({'sweep_id': f'toy/{i}', 'pred_global': _trajectory(pred[i]),
-                     'gt_global': _trajectory(self.val_targets[i])})
     mse = float(np.mean(np.square(pred - self.val_targets)))
-    return ToyEvalResult(metrics={'mse': mse, 'rmse': mse ** 0.5}, sweeps=sweeps)
+    figures = {f'errors/toy_{i}': _error_picture(pred[i] - self.val_targets[i]) for i in range(n)}
+    return ToyEvalResult(metrics={'mse': mse, 'rmse': mse ** 0.5}, figures=figures)
+
+  def predict(self, variables, images: np.ndarray) -> np.ndarray:
+    """(B, 8, 8, 1) float32 images -> (B, 3) predictions."""
+    return np.asarray(self._predict(variables, images))
+
+  def export_spec(self, variables, options):
+    """`launch.export`'s protocol: the eval-mode model on a symbolic batch; no options."""
+    del options
+    size = self.config.toy.image_size
+    return dict(
+        fn=lambda variables, images: {'targets': self.model.apply(variables, images,
+                                                                  train=False)},
+        variables=variables,
+        inputs=[dict(name='images', shape=('b', size, size, 1), dtype='float32',
+                     description=f'b standard-normal {size}x{size} images')],
+        outputs={'targets': '(b, 3) the predicted teacher means'},
+        metadata={'model': 'toy regression of tests/toy_experiment.py'})
 
 
-def _trajectory(steps: np.ndarray) -> np.ndarray:
-  """(T, 3) per-frame displacements -> (T, 4, 4) translations, starting at the identity."""
-  g = np.tile(np.eye(4), (len(steps), 1, 1))
-  g[1:, :3, 3] = np.cumsum(steps[1:], axis=0)
-  return g
+def _error_picture(errors: np.ndarray) -> np.ndarray:
+  """(T, 3) errors as a (T * 8, 24, 3) uint8 picture: gray 128 is zero, one 8x8 cell each."""
+  cells = np.clip(128 + 64 * errors, 0, 255).astype(np.uint8)
+  return np.repeat(np.repeat(cells, 8, axis=0), 8, axis=1)[..., None].repeat(3, axis=-1)
+
+
+# The package interface (launch/models.py).
+PREDICTION_LAYOUT = 'folders'
+
+
+def plan_predictions(run, inputs, flag_values):
+  """One folder per .npy input of (8, 8) images: prediction.json with the model's 3 outputs."""
+  del flag_values
+  if not inputs:
+    raise ValueError('toy: give .npy files of (8, 8) images as arguments')
+  images = {}
+  for path in inputs:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path}: file does not exist')
+    image = np.load(path)
+    if image.shape != (8, 8):
+      raise ValueError(f'{path}: expected an (8, 8) image, got shape {image.shape}')
+    images[path] = image.astype(np.float32)
+
+  def writer(path):
+    def write(folder, name):
+      del name
+      (pred,) = run.experiment.predict(run.variables, images[path][None, ..., None])
+      with open(os.path.join(folder, 'prediction.json'), 'w') as f:
+        json.dump({'input': path, 'prediction': pred.tolist(), 'step': run.step}, f)
+      return f'{path}: {pred.round(4).tolist()}', {'output_mean': float(pred.mean())}
+    return write
+
+  return [(os.path.splitext(os.path.basename(p))[0], writer(p)) for p in images]
+
+
+def benchmark_cases(options):
+  """One case per batch size: the toy model's inference on random images, per dtype."""
+  model = ToyModel()
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                             np.zeros((1, 8, 8, 1), np.float32))
+  variables = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), variables)
+  rng = np.random.default_rng(options.seed)
+  for batch in options.sizes:
+    yield dict(label=f'toy, batch {batch}', items=batch, item_name='images',
+               inputs=(rng.standard_normal((batch, 8, 8, 1)).astype(np.float32),),
+               variants=tuple(dict(dtype=d, fn=functools.partial(_apply, jnp.dtype(d)),
+                                   variables=variables) for d in options.dtypes))
+
+
+def _apply(dtype, variables, images):
+  cast = jax.tree.map(lambda x: x.astype(dtype), (variables, images))
+  return ToyModel().apply(*cast, train=False)
+
+
+INFERENCE_BENCHMARKS = {'toy': benchmark_cases}

@@ -1,4 +1,4 @@
-r"""DualTrack finetuning for TUS-REC 2025 (`configs/tus_rec_challenge_2025/`, spec 14).
+r"""DualTrack finetuning for TUS-REC 2025 (the original's `configs/tus_rec_challenge_2025/`).
 
 arg: 'stg0', 'stg1' or 'stg2', optionally with ':sim' (e.g. 'stg0:sim').
 - stg0: the 2024 model with every position table enlarged to 4096 (global `pos_emb`, the 4
@@ -9,8 +9,9 @@ arg: 'stg0', 'stg1' or 'stg2', optionally with ':sim' (e.g. 'stg0:sim').
 - stg1: from stg0; 2025 data with reverse, 90 % subsampling, flip and random 256 crops; global
   from the stored `images_downsampled-224`.
 - stg2: from stg1; "thaw the CNN" (`freeze_backbone: false`), which in the original only unfreezes
-  the ViT (the CNN stays frozen through the inner stage-2 wrapper, spec 14): reproduced, the ViT
+  the ViT (the CNN stays frozen through the inner stage-2 wrapper): reproduced, the ViT
   trains and the CNN does not; chunks of 512 frames.
+The original steps in full: docs/dualtrack.md, section "TUS-REC 2025 finetuning".
 
   python -m launch.train --config=configs/dualtrack/finetune_2025.py:stg0 \
       --config.init_from.tus_rec_2024.workdir=workdirs/dualtrack_2024 --workdir=workdirs/ft_stg0

@@ -1,11 +1,11 @@
 r"""DualTrack fusion training: the whole model from the global and stage-3 local encoders.
 
-The original recipe (`configs/dualtrack_train_tus_rec/dualtrack.yaml`, spec 13):
+The original recipe (`configs/dualtrack_train_tus_rec/dualtrack.yaml`):
 `dualtrack_fusion_model`, the global encoder from its pretraining (fully trainable, BN in training
 mode), the local encoder from stage 3 (CNN + ViT frozen, temporal BERT trainable), projection,
 fusion BERT and head from scratch (torch default init); whole sweeps, batch 1, no augmentation;
 global images from the stored `images_downsampled-224` (50-px border crop) with Normalize(0.5,
-0.25); local centre crops of 256.
+0.25); local centre crops of 256. All stages: docs/dualtrack.md, section "Training recipes".
 
   python -m launch.train --config=configs/dualtrack/fusion.py \
       --config.init_from.global_encoder.workdir=workdirs/global \
@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   del c.data['window']
   c.data.augment = None
   c.data.global_source = 'downsampled'
-  c.data.global_normalize = (0.5, 0.25)  # Spec 19: the evaluation configs use (0, 1).
+  c.data.global_normalize = (0.5, 0.25)  # As the original; its evaluation configs use (0, 1).
   # dualtrack.DualTrack keyword arguments: the TUS-REC 2024 model.
   c.model = mlc.ConfigDict(dict(
       max_positions=1024, grid_spacing=16, hidden=512, fusion_layers=12, fusion_heads=8,

@@ -1,9 +1,10 @@
 r"""DualTrack global-encoder pretraining: 2D ResNet-18 + BERT over sparse frames of a sweep.
 
-The original recipe (`configs/dualtrack_train_tus_rec/global_encoder/cnn.yaml`, spec 13):
+The original recipe (`configs/dualtrack_train_tus_rec/global_encoder/cnn.yaml`):
 `global_encoder_cnn` with `pred_mode="local"` (motion between consecutive sampled frames), 64
 sorted random frames per sweep, full frames resized to 224 x 224 and normalised with mean 0.5 /
-std 0.25, flips and reversals, batch 4, everything trainable.
+std 0.25, flips and reversals, batch 4, everything trainable. All stages: docs/dualtrack.md,
+section "Training recipes".
 
   python -m launch.train --config=configs/dualtrack/global_encoder.py --workdir=workdirs/global
   python -m launch.train --config=configs/dualtrack/global_encoder.py:sim \
@@ -29,7 +30,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.num_samples = 64  # RandomSparseSampleTemporal, also at validation in the original.
   c.data.global_source = 'resize'  # Full frame -> 224 x 224 (antialiased bilinear).
   # Normalize(0.5, 0.25) in pretraining; every evaluation config of the original uses raw [0, 1]
-  # (spec 19: inconsistent in the original, reproduced as is).
+  # (inconsistent in the original, reproduced as is; see docs/dualtrack.md, section
+  # "Inconsistencies and bugs of the original code").
   c.data.global_normalize = (0.5, 0.25)
   c.data.grid_spacing = 16  # Validation: the fusion model's regular grid.
   c.data.augment = mlc.ConfigDict(dict(flip_p=0.5, reverse_p=0.5, random_crop=False))

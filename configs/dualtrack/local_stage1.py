@@ -3,9 +3,11 @@ r"""DualTrack local encoder, stage 1: the large-window 3D ResNet-18 learns motio
 The original recipe (ImFusionGmbH/DualTrack
 `configs/dualtrack_train_tus_rec/local_encoder/stage1.yaml`) with the large-window CNN
 `vidrn18_trck_reg` that the released models are built on (the YAML's default `cnn_name` is the
-small-window CNN; see the spec, section 19). Random 16-frame windows, one per sweep per epoch,
-random 256x256 crops with the tracking re-expressed in the crop, horizontal flips and reversed
-sweeps; validation on whole sweeps with a centre crop; MSE on relative 6-vectors.
+small-window CNN). Random 16-frame windows, one per sweep per epoch, random 256x256 crops with
+the tracking re-expressed in the crop, horizontal flips and reversed sweeps; validation on whole
+sweeps with a centre crop; MSE on relative 6-vectors. All stages, and where the original's configs
+contradict its released models: docs/dualtrack.md, sections "Training recipes" and
+"Inconsistencies and bugs of the original code".
 
   python -m launch.train --config=configs/dualtrack/local_stage1.py --workdir=workdirs/local_stage1
 
@@ -55,8 +57,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # The original trains under fp16 autocast; 'bfloat16' is our switch for it.
   c.compute_dtype = 'float32'
 
-  # The YAML's `train.batch_size: 16` is ignored by the original loader, which uses batch 1
-  # (spec, section 19). On several devices, raise it to a multiple of the device count.
+  # The YAML's `train.batch_size: 16` is ignored by the original loader, which uses batch 1.
+  # On several devices, raise it to a multiple of the device count.
   c.batch_size = 1
   c.num_workers = 4  # Grain worker processes (`num_dataloader_workers`).
   c.num_epochs = 5000
@@ -76,6 +78,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   c.eval_every_epochs = 100  # `val_every`.
   c.eval_tile = 128  # Frames per tile of the exact tiled whole-sweep inference (memory bound).
+  c.plot_outline_every = 0  # Frame outlines every N frames in the trajectory plots (0 = none).
   c.best_metric = 'ddf/5pt-avg_global_displacement_error'
   c.best_mode = 'min'
   c.keep_checkpoints = 3

@@ -1,8 +1,9 @@
 r"""DualTrack local encoder, stage 2: a per-frame ViT on the frozen stage-1 CNN.
 
-The original recipe (`configs/dualtrack_train_tus_rec/local_encoder/stage2.yaml`, spec 13):
+The original recipe (`configs/dualtrack_train_tus_rec/local_encoder/stage2.yaml`):
 `dualtrack_loc_enc_stg2`, the stage-1 CNN frozen (eval-mode BN, no gradient), the ViT and its
-head `vit_fc` trained on random 16-frame windows with the stage-1 augmentations.
+head `vit_fc` trained on random 16-frame windows with the stage-1 augmentations. All stages:
+docs/dualtrack.md, section "Training recipes".
 
   python -m launch.train --config=configs/dualtrack/local_stage2.py \
       --config.init_from.stage1.workdir=workdirs/local_stage1 --workdir=workdirs/local_stage2
@@ -32,7 +33,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # dualtrack.LocalEncoder keyword arguments; the CNN must equal stage 1's.
   c.model = mlc.ConfigDict(dict(
       stage=2, cnn_widths=(64, 128, 256, 512), cnn_stem_width=45,
-      cnn_temporal_kernels=(3, 3, 3, 3),  # The released models' large-window CNN (spec 19).
+      cnn_temporal_kernels=(3, 3, 3, 3),  # The released models' CNN; the YAML's is small-window.
       vit_feature_map_size=16, vit_patch_size=2, vit_layers=4, vit_heads=4, vit_intermediate=32,
       hidden=64, frozen='cnn'))
   c.frozen = ('cnn/.*',)  # No optimiser update; the model keeps the CNN's BN in eval mode.

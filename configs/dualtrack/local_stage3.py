@@ -1,8 +1,9 @@
 r"""DualTrack local encoder, stage 3: the relative-key temporal BERT on the frozen CNN + ViT.
 
-The original recipe (`configs/dualtrack_train_tus_rec/local_encoder/stage3.yaml`, spec 13):
+The original recipe (`configs/dualtrack_train_tus_rec/local_encoder/stage3.yaml`):
 `dualtrack_loc_enc_stg3_legacy`, the stage-2 model frozen, the temporal BERT and `temporal_fc`
-trained on whole sweeps (batch 1) with the loader's default augmentations.
+trained on whole sweeps (batch 1) with the loader's default augmentations. All stages:
+docs/dualtrack.md, section "Training recipes".
 
   python -m launch.train --config=configs/dualtrack/local_stage3.py \
       --config.init_from.stage2.workdir=workdirs/local_stage2 --workdir=workdirs/local_stage3

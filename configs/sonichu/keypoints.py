@@ -1,18 +1,19 @@
-r"""SONICHU keypoint training: ViT-B/16 backbone plus one ViTPose classic head per task (spec 4).
+r"""SONICHU keypoint training: ViT-B/16 backbone plus one ViTPose classic head per task.
 
 The card gives 100 epochs, AdamW, a cosine schedule with a 3-epoch warmup (and distillation from a
 5-teacher median, which is not part of this stage). Everything else is unpublished; the values
-below are spec 4's assumptions, taken from ViTPose-B's COCO recipe and the FM_UIA baseline, and
-each says where it comes from. One task per batch, uniform over tasks; the heads a batch does not
-use get no optimiser update (optim.sparse_groups).
+below are our assumptions, taken from ViTPose-B's COCO recipe and the FM_UIA baseline, and each
+says where it comes from (docs/sonichu.md, section "Training"). One task per batch, uniform over
+tasks; the heads a batch does not use get no optimiser update (optim.sparse_groups).
 
   python -m launch.train --config=configs/sonichu/keypoints.py --workdir=workdirs/sonichu \
       --config.data.dataset=/data/fm_uia
   python -m launch.evaluate --workdir=workdirs/sonichu
 
-`--config.data.dataset` is an FM_UIA data folder (train/ and val/, spec 7.2). To start from I-JEPA
-weights, import them with `sonichu_jax.convert.backbone_from_ijepa`; a whole SONICHU-layout file
-converts with `python -m launch.convert --from=model.safetensors --to=RUN --model=sonichu`.
+`--config.data.dataset` is an FM_UIA data folder (train/ and val/; docs/sonichu.md, section
+"FM_UIA data format"). To start from I-JEPA weights, import them with
+`sonichu_jax.convert.backbone_from_ijepa`; a whole SONICHU-layout file converts with
+`python -m launch.convert --from=model.safetensors --to=RUN --model=sonichu`.
 
 The small variant (`:sim`) trains a narrow 4-block ViT on synthetic images of all nine tasks in
 about ten minutes on two CPU cores, and must beat the mean-keypoints predictor by far (measured:
@@ -43,7 +44,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.tasks = ()  # Empty: all nine tasks.
   # n_t ** task_exponent: 0 draws tasks uniformly, as the FM_UIA baseline's sampler.
   c.data.task_exponent = 0.0
-  # Spec 4's assumed augmentations (sonichu_jax.data.augment.AugmentConfig); no flips of cardiac
+  # Our assumed augmentations (sonichu_jax.data.augment.AugmentConfig); no flips of cardiac
   # views, whose mirror images are not standard views.
   c.data.augment = mlc.ConfigDict(dict(
       flip_p=0.5, no_flip_tasks=('PLAX', 'PSAX', 'A4C'), rotation_deg=15.0, scale=(0.75, 1.25),
@@ -57,20 +58,20 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.synthetic.cache_dir = ''  # '': $SONICHU_CACHE, else ~/.cache/sonichu_jax.
   c.data.synthetic.generator = mlc.ConfigDict()  # SyntheticConfig fields, e.g. image_hw.
 
-  # SONICHU-124M (spec 3): I-JEPA ViT-B/16 at 256x256, ViTPose classic heads of 256 filters.
+  # SONICHU-124M: I-JEPA ViT-B/16 at 256x256, ViTPose classic heads of 256 filters.
   c.model = mlc.ConfigDict()
   c.model.patch_size = 16
   c.model.embed_dim = 768
   c.model.depth = 12
   c.model.num_heads = 12
   c.model.mlp_ratio = 4.0
-  c.model.drop_path_rate = 0.1  # Unpublished; ViTPose-B uses 0.3, spec 3.2 suggests 0.1.
+  c.model.drop_path_rate = 0.1  # Unpublished; ViTPose-B uses 0.3, we assume 0.1.
   c.model.head_filters = 256
-  c.model.temperature = 1.0  # Soft-argmax on raw logits: integral regression (spec 3.4).
+  c.model.temperature = 1.0  # Unpublished; raw logits, the integral-regression standard.
   c.compute_dtype = 'float32'  # 'bfloat16' computes in bf16 with float32 parameters.
 
-  c.loss = 'l1'  # On normalised coordinates (spec 4); 'radial' is the MRE in original pixels.
-  # The optional auxiliary heatmap term of spec 4 (KL to a Gaussian of heatmap_sigma cells); off:
+  c.loss = 'l1'  # On normalised coordinates (assumed); 'radial' is the MRE in original pixels.
+  # An optional auxiliary heatmap term (DSNT-like: KL to a Gaussian of heatmap_sigma cells); off:
   # SONICHU is trained on coordinates.
   c.heatmap_weight = 0.0
   c.heatmap_sigma = 2.0
@@ -91,7 +92,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.grad_clip_norm = 1.0  # ViTPose-B.
-  # One group per task head: a batch of another task leaves it untouched (spec 3.5).
+  # One group per task head: a batch of another task leaves it untouched, as torch's AdamW does.
   c.optim.sparse_groups = (r'heads_(\w+)/.*',)
   # I-JEPA's sin-cos position table is fixed (requires_grad=False). Not reproduced: ViTPose's
   # layer-wise learning-rate decay of 0.75 (SONICHU's is unknown).

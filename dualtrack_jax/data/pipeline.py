@@ -3,9 +3,10 @@
 Each pipeline returns a `grain.IterDataset` of dict batches of NumPy arrays; its iterator supports
 get_state()/set_state() (and grain.checkpoint.CheckpointSave/CheckpointRestore under Orbax). Local
 images stay uint8 (cast and /255 in the jitted step); global-encoder images are float32 in [0, 1]
-(resizing happens here, as in the original loaders).
+(resizing happens here, as in the original loaders). The stages are those of docs/dualtrack.md,
+sections "Training recipes" and "TUS-REC 2025 finetuning".
 
-| pipeline         | stage (spec 13, 14)          | element                                        |
+| pipeline         | stage                        | element                                        |
 |------------------|------------------------------|------------------------------------------------|
 | `local_windows`  | local encoder L1/L2          | one random K-frame window per sweep per epoch  |
 | `global_samples` | global encoder G             | M sorted random frames (with absolute indices) |
@@ -31,9 +32,10 @@ from dualtrack_jax.data import registry
 from dualtrack_jax.data import sweeps
 from dualtrack_jax.data import transforms as T
 
-# Global-encoder image sources: the full frame resized (spec 8, what the released checkpoints see
-# at inference), the 50-px border crop resized on the fly (CropAndDownsampleForContextImages), or
-# the stored 'images_downsampled-224' (fusion training and 2025 finetuning).
+# Global-encoder image sources: the full frame resized (what the released checkpoints see at
+# inference), the 50-px border crop resized on the fly (CropAndDownsampleForContextImages), or the
+# stored 'images_downsampled-224' (fusion training and 2025 finetuning); docs/dualtrack.md, section
+# "Input preprocessing".
 GLOBAL_SOURCES = ('resize', 'context', 'downsampled')
 
 # One reading thread per process: h5py serialises all calls on one lock, so parallelism comes from

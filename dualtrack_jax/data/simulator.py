@@ -33,7 +33,8 @@ Probe motion: mostly elevational, 0.1-0.5 mm per frame by default (speed varying
 lateral and axial drift and rotations of a few degrees about each axis; every component is a
 bounded sum of low-frequency random sinusoids. `tracking` maps centred image coordinates (mm; x
 lateral along the width, y axial downwards, z = x cross y) to the phantom's world frame, whose
-origin is the neutral position of the first frame's image centre (dualtrack_spec sections 7, 15).
+origin is the neutral position of the first frame's image centre (DualTrack's conventions:
+docs/dualtrack.md, section "Sweep files and coordinate frames").
 
 Everything random comes from `np.random.default_rng` streams derived from the seed, and all loops
 run in a fixed order: the same config and seed give the same bytes.

@@ -1,6 +1,7 @@
 """The DualTrack h5 sweep format: atomic writer, cheap validator, lazy picklable reader.
 
-One HDF5 file per sweep (the original's `SweepData` layout, dualtrack_spec section 15.1):
+One HDF5 file per sweep, the original's `SweepData` layout (see docs/dualtrack.md, section
+"Sweep files and coordinate frames"):
 
   images                  (N, H, W) uint8       B-mode frames, one HDF5 chunk per frame
   tracking                (N, 4, 4) float32/64  image (centred, mm) -> world, rigid

@@ -11,9 +11,10 @@ An item is a dict of NumPy arrays describing a run of frames of one sweep:
 | `pixel_to_image` | (4, 4) float64      | 0-based pixel (col, row, 0, 1) -> centred image mm  |
 
 Item functions return a new dict (the input is never modified) whose arrays may be views of the
-input's. Semantics follow the original `src/transform.py` (spec sections 8, 14, 15.3); where we
-deviate, the docstring says so and why. Random transforms take an `np.random.Generator` (Grain's
-RandomMap gives one per element), so a pipeline is reproducible from its seed.
+input's. Semantics follow the original `src/transform.py` (see docs/dualtrack.md, sections
+"Input preprocessing" and "Augmentations"); where we deviate, the docstring says so and why. Random
+transforms take an `np.random.Generator` (Grain's RandomMap gives one per element), so a pipeline
+is reproducible from its seed.
 """
 import dataclasses
 
@@ -50,7 +51,7 @@ class Augmentation:
   random_crop: bool = True
 
 
-# The original recipes (spec 13 and 14).
+# The original recipes (docs/dualtrack.md, sections "Training recipes", "TUS-REC 2025 finetuning").
 LOCAL_AUGMENT = Augmentation()  # local_encoder_pretraining.py: flip, reverse, random 256 crop.
 GLOBAL_AUGMENT = Augmentation(random_crop=False)  # global_encoder_pretraining.py: flip, reverse.
 FUSION_2025_AUGMENT = Augmentation(subsample_p=0.5)  # get_transform.py::fusion_model_transform.

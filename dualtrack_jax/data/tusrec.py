@@ -5,9 +5,10 @@ Usage:
       [--calibration=RAW/calib_matrix.csv] [--split=train|val|test] [--register_as=NAME]
   python -m dualtrack_jax.data.tusrec --input_csv=scans.csv --out=DIR
 
-Inputs (tusrec_spec sections 1.2-1.4): a challenge folder, either the training layout
-`frames_transfs/<SSS>/<scan>.h5` (datasets `frames` and `tforms` in one file) or the validation/test
-layout `frames/<SSS>/<scan>.h5` + `transfs/<SSS>/<scan>.h5`, with optional landmark files
+Inputs (the challenge's files: docs/tusrec.md, sections "Data layout", "HDF5 datasets" and
+"Calibration"): a challenge folder, either the training layout `frames_transfs/<SSS>/<scan>.h5`
+(datasets `frames` and `tforms` in one file) or the validation/test layout
+`frames/<SSS>/<scan>.h5` + `transfs/<SSS>/<scan>.h5`, with optional landmark files
 `landmarks/landmark_<SSS>.h5` or `landmark/landmark_<SSS>.h5` (one dataset per scan); or a CSV as
 the original converter takes (`sweep_id`, and `raw_tus_rec_sweep_path` or `raw_tus_rec_frames_path`
 + `raw_tus_rec_tforms_path`, optional `split`; relative paths are relative to the CSV's folder).
@@ -21,7 +22,8 @@ tracking @ pixel_to_image @ (u, v, 0, 1) = tforms @ C @ S @ (u+1, v+1, 0, 1), i.
 
 Output: `<out>/<sweep_id>.h5` (sweep_id = `sub<SSS>__<scan>`, the challenge's dataset_keys naming)
 and `<out>/metadata.csv`, which registry.read_sweep_csv reads (the original converter writes a CSV
-without the index column its own reader expects; dualtrack_spec section 19).
+without the index column its own reader expects; docs/tusrec.md, section "Conversion to DualTrack
+sweeps").
 """
 from collections.abc import Sequence
 import csv
@@ -46,8 +48,9 @@ CALIB_SCALE = 'scaling_from_pixel_to_mm'
 CALIB_IMAGE_TO_TOOL = ('spatial_calibration_from_image_coordinate_system_to_tracking_tool_'
                        'coordinate_system')
 
-# Public TUS-REC 2024 calibration (tusrec_spec 1.4): pixel spacing (sx, sy) in mm and C (image mm ->
-# tracker tool). The 2025 values are unpublished; pass the shipped calib_matrix.csv for 2025 data.
+# Public TUS-REC 2024 calibration (docs/tusrec.md, section "Calibration"): pixel spacing (sx, sy)
+# in mm and C (image mm -> tracker tool). The 2025 values are unpublished; pass the shipped
+# calib_matrix.csv for 2025 data.
 SPACING_2024 = (0.229389190673828, 0.220979690551758)
 IMAGE_TO_TOOL_2024 = np.array([
     [0.231064671309448, -0.21805203504134, 0.948189025293473, -70.7413291931152],

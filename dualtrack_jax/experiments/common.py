@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from dualtrack_jax import feature_cache
 from dualtrack_jax import metrics
+from dualtrack_jax import plots
 from dualtrack_jax import pose
 from dualtrack_jax.data import datasets
 from dualtrack_jax.data import pipeline
@@ -39,8 +40,10 @@ HOST_KEYS = ('sweep_id', 'tracking', 'pixel_to_image', 'sweep_index', 'targets_g
 
 @dataclasses.dataclass
 class EvalResult:
-  """What the trainer expects from `evaluate` (duck-typed: model packages never import launch)."""
+  """What the runtime expects from `evaluate` (duck-typed: model packages never import launch):
+  metrics and figures (one trajectory plot per sweep), plus the sweeps' trajectories."""
   metrics: dict[str, float]
+  figures: dict[str, Any]
   sweeps: list[dict[str, Any]]
 
 
@@ -125,13 +128,16 @@ class SweepEvaluator:
     global_source: global images to add to each item (pipeline.GLOBAL_SOURCES) or None.
     spacing: evaluate the trajectory at every `spacing`-th frame only (the global encoder
       predicts motion between frames 0, 16, 32, ...); 1 = every frame.
+    outline_every: draw the frame outline every this many frames in the trajectory plots
+      (config.plot_outline_every; 0 = none).
   """
 
   def __init__(self, val_records: list[registry.SweepRecord],
                train_records: list[registry.SweepRecord], *, crop: tuple[int, int],
-               global_source: str | None = None, spacing: int = 1):
+               global_source: str | None = None, spacing: int = 1, outline_every: int = 0):
     self.val_records, self.train_records = val_records, train_records
     self.crop, self.global_source, self.spacing = tuple(crop), global_source, spacing
+    self.outline_every = outline_every
     self.image_hw = pipeline.SweepSource(val_records).image_shape
     self._baselines = None
 
@@ -149,7 +155,7 @@ class SweepEvaluator:
                                 shuffle=False, num_epochs=1, global_source=self.global_source)
     mean_motion = self._mean_motion() if self._baselines is None else None
     top, left = transforms.center_crop_params(self.image_hw, self.crop)
-    per_sweep, baselines, plots = [], [], []
+    per_sweep, baselines, trajectories = [], [], []
     for batch in val:
       item = {k: v[0] for k, v in batch.items()}
       pixel_to_image = item['pixel_to_image'] @ _pixel_translation(-left, -top)
@@ -164,12 +170,16 @@ class SweepEvaluator:
             f'baseline/{name}/{GPE}': metrics.sweep_metrics(
                 g, gt, pixel_to_image, self.image_hw)[GPE]
             for name, g in (('zero_motion', zero), ('mean_motion', mean))})
-      plots.append(dict(sweep_id=str(item['sweep_id']), pred_global=pred, gt_global=gt,
-                        pixel_to_image=pixel_to_image, image_shape=self.image_hw))
+      trajectories.append(dict(sweep_id=str(item['sweep_id']), pred_global=pred, gt_global=gt,
+                               pixel_to_image=pixel_to_image, image_shape=self.image_hw))
     if mean_motion is not None:
       self._baselines = {k: float(np.mean([b[k] for b in baselines])) for k in baselines[0]}
     result = {k: float(np.mean([m[k] for m in per_sweep])) for k in per_sweep[0]}
-    return EvalResult(metrics={**result, **self._baselines}, sweeps=plots)
+    figures = {f'trajectory/{s["sweep_id"]}': plots.trajectory_figure(
+        s['pred_global'], s['gt_global'], title=s['sweep_id'], pixel_to_image=s['pixel_to_image'],
+        image_shape=s['image_shape'], outline_every=self.outline_every) for s in trajectories}
+    return EvalResult(metrics={**result, **self._baselines}, figures=figures,
+                      sweeps=trajectories)
 
 
 def normalize_global(images, mean_std) -> jnp.ndarray:
@@ -275,7 +285,8 @@ class LocalExperimentBase:
       self.train_records = datasets.load_split(config.data, 'train')
       self.val_records = datasets.load_split(config.data, 'val')
       self.evaluator = SweepEvaluator(self.val_records, self.train_records, crop=self.crop,
-                                      global_source=self.global_source, spacing=self.spacing)
+                                      global_source=self.global_source, spacing=self.spacing,
+                                      outline_every=config.get('plot_outline_every', 0))
 
   @property
   def steps_per_epoch(self) -> int:

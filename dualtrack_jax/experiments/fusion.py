@@ -1,4 +1,4 @@
-"""DualTrack fusion training ("F", spec 13) and the TUS-REC 2025 finetuning (spec 14).
+"""DualTrack fusion training ("F") and the TUS-REC 2025 finetuning.
 
 `dualtrack.DualTrack(**config.model)`: the global encoder from its pretraining run (fully
 trainable, BN in training mode), the local encoder from stage 3 (CNN + ViT frozen, temporal BERT
@@ -7,7 +7,8 @@ The 2025 finetuning stages are this experiment with other configs (configs/dualt
 finetune_2025.py). Evaluation on whole validation sweeps with the stage-1 metrics and baselines;
 the CNN runs with exact tiling (equal to one pass) unless the model uses the 2025 model's inexact
 `torch.chunk` chunking, which is then reproduced. Checkpoints converted from the original
-(`launch.convert`) name this experiment.
+(`launch.convert`) name this experiment. The original recipes are in docs/dualtrack.md, sections
+"Training recipes" and "TUS-REC 2025 finetuning".
 
 With `config.feature_cache.enabled` (no augmentation, as the 2024 fusion recipe and 2025 stage 0)
 training reads the frozen CNN + ViT features of each sweep from `dualtrack_jax.feature_cache`
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dualtrack_jax import export as export_lib
 from dualtrack_jax import losses
 from dualtrack_jax.experiments import common
 from dualtrack_jax.models import dualtrack
@@ -112,6 +114,13 @@ class Experiment(common.SweepPrediction, common.LocalExperimentBase):
     poses = _predict(self.eval_model, variables, common.unit(item['images'][None]),
                      self._global(images[None]))
     return np.asarray(poses[0], np.float64)
+
+  def export_spec(self, variables, options) -> dict[str, Any]:
+    """`launch.export`: raw uint8 frames -> pose vectors, preprocessing inside
+    (dualtrack_jax/export.py)."""
+    return export_lib.sweep_spec(
+        self.from_features.model_kwargs, variables, self.crop, self.global_source,
+        tuple(self.config.data.global_normalize), options)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,10 +1,11 @@
-"""DualTrack local encoder stage 1 ("L1", spec section 13) as an experiment of `launch.train`.
+"""DualTrack local encoder stage 1 ("L1") as an experiment of `launch.train`.
 
 The 3D video ResNet-18 with a spatial mean and a 6-vector head learns the motion between
 consecutive frames from random K-frame windows (MSE on relative pose vectors). Validation runs the
 model over whole sweeps with exact temporal tiling, composes the predicted motions into a trajectory
 and reports the original evaluator's metrics, next to two trivial predictors that a useful model
-must beat: no motion (identity transforms) and the mean motion of the training sweeps.
+must beat: no motion (identity transforms) and the mean motion of the training sweeps. The
+original recipe: docs/dualtrack.md, section "Training recipes".
 """
 from typing import Any
 
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dualtrack_jax import export as export_lib
 from dualtrack_jax import losses
 from dualtrack_jax.data import datasets
 from dualtrack_jax.data import pipeline
@@ -37,8 +39,9 @@ class Experiment:
     if load_data:
       self.train_records = datasets.load_split(config.data, 'train')
       self.val_records = datasets.load_split(config.data, 'val')
-      self.evaluator = common.SweepEvaluator(self.val_records, self.train_records,
-                                             crop=tuple(config.data.crop))
+      self.evaluator = common.SweepEvaluator(
+          self.val_records, self.train_records, crop=tuple(config.data.crop),
+          outline_every=config.get('plot_outline_every', 0))
 
   @property
   def steps_per_epoch(self) -> int:
@@ -89,3 +92,7 @@ class Experiment:
 
   def evaluate(self, variables) -> common.EvalResult:
     return self.evaluator(lambda item: self.predict(variables, item['images']))
+
+  def export_spec(self, variables, options) -> dict[str, Any]:
+    """`launch.export`: raw uint8 frames -> pose vectors (dualtrack_jax/export.py)."""
+    return export_lib.stage1_spec(self.model, variables, tuple(self.config.data.crop), options)

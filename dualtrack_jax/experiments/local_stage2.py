@@ -1,9 +1,10 @@
-"""DualTrack local encoder stage 2 ("L2", spec sections 3.2 and 13): the per-frame ViT.
+"""DualTrack local encoder stage 2 ("L2"): the per-frame ViT.
 
 The stage-1 CNN (initialised from the stage-1 run through `config.init_from`) is frozen: eval-mode
 batch norm and no gradient, as the original's `FrozenModuleWrapper`; the ViT and its pose head
 `vit_fc` learn frame-to-frame motion from random windows (MSE on relative pose vectors), with the
 stage-1 data pipeline and augmentations. Evaluation as stage 1, on whole validation sweeps.
+The ViT and the original recipe: docs/dualtrack.md, sections "Architecture" and "Training recipes".
 """
 import jax
 

@@ -1,10 +1,11 @@
-"""DualTrack local encoder stage 3 ("L3", spec sections 3.3 and 13): the temporal BERT.
+"""DualTrack local encoder stage 3 ("L3"): the temporal BERT.
 
 CNN + ViT come from the stage-2 run (`config.init_from`) and are frozen; the relative-key temporal
 BERT and its head `temporal_fc` learn from whole sweeps (batch 1, dropout 0.1). With
 `config.feature_cache.enabled` the frozen CNN + ViT features of every training sweep are computed
 once (`dualtrack_jax.feature_cache`) and training runs on them, as the original's legacy recipe;
-the result is the same model, because frozen parts run in eval mode either way.
+the result is the same model, because frozen parts run in eval mode either way. The temporal BERT
+and the original recipe: docs/dualtrack.md, sections "Architecture" and "Training recipes".
 """
 import jax
 import jax.numpy as jnp

@@ -1,10 +1,11 @@
-"""The DualTrack model (spec sections 2-7): local encoder, global encoder, fusion BERT and head.
+"""The DualTrack model: local encoder, global encoder, fusion BERT and head.
 
 `DualTrack` maps a sweep of N frames to the N - 1 relative pose vectors [tx, ty, tz (mm), rx, ry,
 rz (deg)] of T_k^-1 T_{k+1}. `LocalEncoder` (stages 2 and 3 of the local encoder, and the local
 branch of the whole model) and `GlobalEncoder` (whose `fc` head is the global pretraining stage)
 are also trained on their own. Stage 1 is `local_encoder.LocalEncoderStage1`, whose `backbone`
-tree equals `LocalEncoder`'s `cnn` tree.
+tree equals `LocalEncoder`'s `cnn` tree. The original's architecture, layer by layer, is described
+in docs/dualtrack.md, section "Architecture".
 
 torch state-dict prefix -> Flax path (layouts as in resnet3d.py, resnet2d.py, transformer.py):
   global_encoder.backbone.0.backbone.*       -> global_encoder/backbone/* (resnet2d.ImageResNet)
@@ -42,7 +43,8 @@ from dualtrack_jax.models import transformer
 CNN_CHUNKING = (None, 'torch_chunk', 'exact_tiling')
 LOCAL_FROZEN = ('none', 'cnn', 'cnn+vit')
 
-# The released models (spec 1.1, 1.3, 11) as `DualTrack(**preset)` keyword arguments.
+# The released models as `DualTrack(**preset)` keyword arguments (docs/dualtrack.md, section
+# "Released models").
 TUS_REC_2024 = types.MappingProxyType(dict(max_positions=1024, cnn_chunking=None))
 TUS_REC_2025 = types.MappingProxyType(
     dict(max_positions=4096, cnn_chunking='torch_chunk', max_subsequence=1024))
@@ -82,7 +84,8 @@ class LocalEncoder(nn.Module):
       head `temporal_fc`; `vit_fc` is kept, as in the original's state dict).
     cnn_widths, cnn_stem_width, cnn_temporal_kernels: the `resnet3d.VideoResNet` (`cnn`).
     cnn_chunking: how the CNN runs over a long sweep: None (one pass), 'torch_chunk' (the 2025
-      model's inexact `torch.chunk` chunking, spec 9.2) or 'exact_tiling' (tiles of
+      model's inexact `torch.chunk` chunking, where frames near an internal chunk border see zero
+      padding; docs/dualtrack.md, section "Long sweeps") or 'exact_tiling' (tiles of
       `max_subsequence` frames with the CNN's receptive radius as halo: equals one pass).
     max_subsequence: the chunk / tile length for `cnn_chunking`.
     vit_feature_map_size, vit_patch_size, vit_layers, vit_heads, vit_intermediate: the ViT (`vit`);
@@ -208,7 +211,7 @@ class LocalEncoder(nn.Module):
 
 
 class GlobalEncoder(nn.Module):
-  """Global encoder (`SimpleModelForSparseTrackingEstimation` with the CNN backbone, spec 4).
+  """Global encoder: the original's `SimpleModelForSparseTrackingEstimation`, CNN backbone.
 
   Per-frame 2D ResNet (`backbone`) -> spatial mean -> `proj` -> + `pos_emb`[absolute frame index]
   -> `bert` (post-LN BERT, no positional term inside attention) -> (B, M, hidden) tokens, or the
@@ -361,22 +364,26 @@ class DualTrack(nn.Module):
     local_images = _frames(local_images, 'DualTrack', 'local_images')
     global_images = _frames(global_images, 'DualTrack', 'global_images')
     batch, num_frames = local_images.shape[:2]
-    # Refuse before any computation what the torch model only finds deep inside (IndexError).
-    if num_frames < 2:
-      raise ValueError(f'DualTrack: a sweep needs at least 2 frames, got {num_frames}')
-    if num_frames > self.max_positions:
-      raise ValueError(f'DualTrack: {num_frames} frames > {self.max_positions} positions '
-                       '(max_positions) of the position tables; the sweep is too long')
-    indices = regular_grid_indices(num_frames, self.grid_spacing)
     if global_images.shape[0] != batch:
       raise ValueError(f'DualTrack: global_images has batch {global_images.shape[0]}, '
                        f'local_images {batch}')
     if global_images.shape[1] == num_frames:
-      global_images = global_images[:, indices]
-    elif global_images.shape[1] != len(indices):
-      raise ValueError(f'DualTrack: global_images must hold all {num_frames} frames or the '
-                       f'{len(indices)} frames at regular_grid_indices({num_frames}, '
-                       f'{self.grid_spacing}), got {global_images.shape[1]}')
+      # The frames at regular_grid_indices, as a strided slice: also for a symbolic num_frames
+      # (jax.export), for which the checks below are the export's shape constraints instead.
+      global_images = global_images[:, ::self.grid_spacing]
+    if isinstance(num_frames, int):
+      # Refuse before any computation what the torch model only finds deep inside (IndexError).
+      if num_frames < 2:
+        raise ValueError(f'DualTrack: a sweep needs at least 2 frames, got {num_frames}')
+      if num_frames > self.max_positions:
+        raise ValueError(f'DualTrack: {num_frames} frames > {self.max_positions} positions '
+                         '(max_positions) of the position tables; the sweep is too long')
+      grid = len(regular_grid_indices(num_frames, self.grid_spacing))
+      if global_images.shape[1] != grid:
+        raise ValueError(f'DualTrack: global_images must hold all {num_frames} frames or the '
+                         f'{grid} frames at regular_grid_indices({num_frames}, '
+                         f'{self.grid_spacing}), got {global_images.shape[1]}')
+    indices = jnp.arange(global_images.shape[1], dtype=jnp.int32) * self.grid_spacing
     kw = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
     local = LocalEncoder(**self.local_encoder_kwargs(), name='local_encoder')(
         local_images, train=train)

@@ -1,10 +1,11 @@
-"""DualTrack local encoder, stage 1 ("L1", spec section 13): video CNN -> per-frame pose head.
+"""DualTrack local encoder, stage 1 ("L1"): video CNN -> per-frame pose head.
 
 Port of `VideoResnetTrackingEstimator`: the 3D ResNet of `resnet3d.py` (submodule `backbone`), a
 spatial mean over the layer4 feature map, `fc` Dense(6) per frame, and the first time step dropped,
 so output k is the pose vector of T_k^-1 T_{k+1}. Parameter paths mirror the torch keys
 (`backbone.layer1.0.conv1.0.weight` -> `backbone/layer1/0/conv1/0/kernel`,
-`fc.weight` -> `fc/kernel`).
+`fc.weight` -> `fc/kernel`). Its original training recipe is in docs/dualtrack.md, section
+"Training recipes".
 """
 from collections.abc import Sequence
 import functools

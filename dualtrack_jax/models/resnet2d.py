@@ -1,4 +1,4 @@
-"""Per-frame 2D ResNet-18 of the DualTrack global encoder (spec section 4.1), channels-last.
+"""Per-frame 2D ResNet-18 of the DualTrack global encoder, channels-last.
 
 Port of `video_rn18_no_temporal`: torchvision's `VideoResNet` built with `RStemNoTemporal` and
 `Conv3DNoTemporal`, i.e. every kernel has temporal size 1 and the network is a 2D ResNet-18 applied

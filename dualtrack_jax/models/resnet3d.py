@@ -1,4 +1,4 @@
-"""3D video ResNet-18 of the DualTrack local encoder (spec section 3.1), channels-last.
+"""3D video ResNet-18 of the DualTrack local encoder, channels-last.
 
 The network keeps every frame (temporal stride 1) and zero-pads the time axis at the sweep ends, so
 output frame t depends on input frames t - r .. t + r with r = `VideoResNet.temporal_radius` (17 for
@@ -21,6 +21,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+import ultrasound_nn.batch_norm
 
 # Temporal kernel size of the 3x3x3 convolutions in layer1..layer4.
 LARGE_WINDOW = (3, 3, 3, 3)  # `video_rn18_base`, used by both released checkpoints.
@@ -167,10 +169,13 @@ def conv(features: int, kernel: Sequence[int], strides: Sequence[int], *, name: 
                  kernel_init=_KAIMING_FAN_OUT, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def batch_norm(*, train: bool, name: str, dtype: Any, param_dtype: Any) -> nn.BatchNorm:
+def batch_norm(*, train: bool, name: str, dtype: Any,
+               param_dtype: Any) -> ultrasound_nn.batch_norm.BatchNorm:
+  """torch's BatchNorm (momentum 0.1, eps 1e-5): its unbiased running-variance update included."""
   # Flax momentum weights the old statistic: 0.9 here is torch's momentum=0.1.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      param_dtype=param_dtype, name=name)
+  return ultrasound_nn.batch_norm.BatchNorm(use_running_average=not train, momentum=0.9,
+                                            epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                                            name=name)
 
 
 class ConvBN(nn.Module):

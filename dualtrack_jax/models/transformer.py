@@ -1,14 +1,15 @@
 """The attention blocks of DualTrack: HF BERT layers (relative-key, cross-attention) and HF ViT.
 
 `BertLayer` / `BertEncoder` reproduce HF `transformers` `BertLayer` / `BertEncoder` as DualTrack
-builds them (eager attention, no masks, spec sections 3.3, 4.2, 6): post-LN, LayerNorm eps 1e-12,
-exact erf GELU, dropout on attention probabilities and on each sub-layer output. With
-`max_positions` P set, self-attention adds HF's "relative_key" term: logits
+builds them for its temporal BERT, global BERT and fusion module (eager attention, no masks;
+docs/dualtrack.md, section "Architecture"): post-LN, LayerNorm eps 1e-12, exact erf GELU,
+dropout on attention probabilities and on each sub-layer output. With `max_positions` P set,
+self-attention adds HF's "relative_key" term: logits
 (q_l.k_r + q_l.E[l - r + P - 1]) / sqrt(d), the term added before the scaling, with one table E
 (`distance_embedding`, (2P - 1, head_dim)) per layer shared by all heads and l, r token indices.
 Cross-attention never has a positional term (HF builds it with position_embedding_type
 "absolute"). `ViTEncoder` is HF `ViTModel(add_pooling_layer=False)` returning the CLS token
-(spec 3.2): pre-LN layers without dropout.
+(the local encoder's stage 2): pre-LN layers without dropout.
 
 torch -> Flax names (Linear weight (out, in) -> Dense kernel (in, out), LayerNorm weight -> scale):
   layer.{i}.attention.self.{query,key,value}    -> layer_{i}/attention/{query,key,value}

@@ -38,7 +38,7 @@ class AugmentConfig:
 
   Attributes:
     flip_p: probability of a horizontal flip.
-    no_flip_tasks: tasks never flipped: mirrored cardiac views are not standard views (spec 4).
+    no_flip_tasks: tasks never flipped: mirrored cardiac views are not standard views.
     rotation_deg: rotation in [-r, r] degrees.
     scale: isotropic scale range.
     translate: translation in [-t, t] times the image size, per axis.

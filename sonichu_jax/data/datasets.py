@@ -1,6 +1,6 @@
 """Where a SONICHU config's keypoint records come from: an FM_UIA folder or synthetic images.
 
-`config.data.dataset` is the path of an FM_UIA data folder holding `train/` and `val/` (spec 7.2),
+`config.data.dataset` is the path of an FM_UIA data folder holding `train/` and `val/` (`fmuia.py`),
 or 'synthetic': then the images that `config.data.synthetic` describes (`num_train`, `num_val` per
 task, `seed`, optional `generator` fields of SyntheticConfig) are generated once into a cache folder
 (`synthetic.cache_dir`, else $SONICHU_CACHE, else ~/.cache/sonichu_jax) that later runs reuse, so a

@@ -1,4 +1,4 @@
-"""The FM_UIA 2026 challenge layout for keypoint tasks: reader, writer, validation (spec 7.2).
+"""The FM_UIA 2026 challenge layout for keypoint tasks: reader, writer, validation.
 
 A split folder (e.g. `data/train`) holds `csv_files/*.csv` and the images they name:
 
@@ -18,7 +18,8 @@ it.
 
 Coordinates are continuous with the image spanning [0, W] x [0, H] (pixel (row i, column j)
 covers [j, j + 1) x [i, i + 1)), so x / W is the challenge's normalisation and a horizontal mirror
-maps x to W - x, consistent with the soft-argmax's pixel-centre convention (spec 3.4).
+maps x to W - x, consistent with the soft-argmax's pixel-centre convention (docs/sonichu.md,
+section "Soft-argmax").
 
 Errors (`AnnotationError`) name the CSV file, its line and the column: a missing column, an
 unknown task, K different from the task's, an unparsable or non-finite point, a point beyond K, a

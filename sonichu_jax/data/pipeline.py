@@ -1,7 +1,7 @@
 """Grain pipelines over keypoint records: one-task training batches and evaluation batches.
 
 Every batch holds images of ONE task: the task heads' BatchNorm statistics would otherwise mix
-tasks (spec 3.5; the FM_UIA baseline's MultiTaskUniformSampler does the same). Batches are dicts of
+tasks (the FM_UIA baseline's MultiTaskUniformSampler does the same). Batches are dicts of
 NumPy arrays with the same shapes for every task, so one compiled step can serve all of them:
 
 | key         | shape, dtype         | meaning                                                   |

@@ -2,7 +2,8 @@
 
 The default dataset of SONICHU: with no data at hand, the model trains and evaluates on these
 images. Each task has its own scene, drawn from analytic shapes whose geometry gives the keypoints
-exactly, with the meanings of spec 7.3 and the orders of `sonichu_jax.tasks`:
+exactly, with the keypoint meanings and orders of `sonichu_jax.tasks` and of docs/sonichu.md,
+section "Tasks and keypoints":
 
 - HC: a skull (bright elliptic ring in fluid; midline echo, cavum). The OFD ends (major axis), then
   the BPD ends (minor axis), each pair image-left first, on the ring's centre line.
@@ -13,7 +14,7 @@ exactly, with the meanings of spec 7.3 and the orders of `sonichu_jax.tasks`:
 - FUGC: a cervix with its echogenic canal, fluid beyond the internal os. Internal os, external os.
 - IVC: a dark vessel with bright walls that enters the right atrium, a hepatic vein joining it.
   The anterior, then the posterior wall's inner edge, just past the hepatic vein.
-- AOP: the pubic symphysis and the fetal skull (spec 9). Symphysis cranial end, inferior end, the
+- AOP: the pubic symphysis and the fetal skull. Symphysis cranial end, inferior end, the
   tangent point on the skull, the skull's point nearest the inferior end
   (`metrics.AOP_ANGLE_KEYPOINTS`).
 - PLAX: RV, septum, LV, posterior wall; aortic root with its sinus, valve hinges; LA; RVOT. The 11

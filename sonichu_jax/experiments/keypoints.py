@@ -1,17 +1,18 @@
-"""SONICHU keypoint training (spec 4) as an experiment of `launch.train`: backbone plus nine heads.
+"""SONICHU keypoint training as an experiment of `launch.train`: backbone plus nine heads.
 
 Every training batch holds one task (`sonichu_jax.data.pipeline`), and one jitted step serves all
 of them: the backbone runs once, then `lax.switch` on `batch['task'][0]` runs only that task's
 head, whose (B, K, 2) soft-argmax keypoints are padded to (B, 22, 2); the loss is masked by
 `visible`. The other heads are not run, so their gradients are exactly zero and their BatchNorm
 statistics unchanged; the config's `optim.sparse_groups` (one group per head) then gives them no
-update at all that step, as torch's AdamW skips parameters without `.grad` (spec 3.5).
+update at all that step, as torch's AdamW skips parameters without `.grad`. The recipe and what
+in it is assumed: docs/sonichu.md, section "Training".
 
 Losses on normalised coordinates (x / W0, y / H0), averaged over the visible keypoints:
-- 'l1': |dx| + |dy| (spec 4's assumption: robust and close to MRE);
+- 'l1': |dx| + |dy| (our assumption, as SONICHU's loss is unpublished: robust and close to MRE);
 - 'radial': the Euclidean distance in original pixels, sqrt((dx W0)^2 + (dy H0)^2), which is the
   MRE itself (a tiny epsilon keeps its gradient finite at 0).
-Optionally (`heatmap_weight` > 0) plus the auxiliary heatmap term that spec 4 allows (DSNT's
+Optionally (`heatmap_weight` > 0) plus an auxiliary heatmap term (in the manner of DSNT's
 regulariser): the KL divergence from a Gaussian of `heatmap_sigma` cells around the keypoint to
 the soft-argmax's probability map. Its dense supervision lets a head find its keypoints within few
 steps, where the coordinate loss alone moves the expectation slowly from the image centre.
@@ -30,11 +31,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sonichu_jax import export as export_lib
 from sonichu_jax import metrics
+from sonichu_jax import plots
 from sonichu_jax import preprocess
 from sonichu_jax import tasks
 from sonichu_jax.data import augment
 from sonichu_jax.data import datasets
+from sonichu_jax.data import fmuia
 from sonichu_jax.data import pipeline
 from sonichu_jax.models import heads as heads_lib
 from sonichu_jax.models import sonichu
@@ -47,9 +51,10 @@ _RADIAL_EPS = 1e-12
 
 @dataclasses.dataclass
 class EvalResult:
-  """What the trainer expects from `evaluate` (duck-typed: model packages never import launch)."""
+  """What the runtime expects from `evaluate` (duck-typed: model packages never import launch):
+  metrics and figures (per task, its first validation image with the predicted keypoints)."""
   metrics: dict[str, float]
-  sweeps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  figures: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def head_name(task: str) -> str:
@@ -247,6 +252,11 @@ class Experiment:
     measurements = {k: float(v) for k, v in metrics.measure(task, keypoints_px).items()}
     return dict(keypoints=normalised, keypoints_px=keypoints_px, measurements=measurements)
 
+  def export_spec(self, variables, options) -> dict[str, Any]:
+    """`launch.export`: [0, 1] images -> keypoints per task (sonichu_jax/export.py)."""
+    return export_lib.keypoints_spec(self.model, variables, tuple(self.config.data.tasks),
+                                     bool(self.config.eval_tta), options)
+
   def _mean_keypoints(self) -> dict[str, np.ndarray]:
     """Per task, the mean normalised keypoints of the training records (visible ones)."""
     out = {}
@@ -285,4 +295,10 @@ class Experiment:
                        for k, rs in records.items()}
       summary = metrics.evaluate(baseline_pred, target, visible)
       self._baseline = {f'{BASELINE}{k}': v for k, v in summary.items() if k.startswith('mre/')}
-    return EvalResult(metrics={**result, **self._baseline})
+    figures = {}
+    for task, points in pred.items():
+      record = records[task][0]
+      measured = {k: float(v) for k, v in metrics.measure(task, points[0]).items()}
+      figures[f'keypoints/{task}'] = plots.keypoint_overlay(
+          fmuia.read_image(record), points[0], task, measured, title='predicted keypoints')
+    return EvalResult(metrics={**result, **self._baseline}, figures=figures)

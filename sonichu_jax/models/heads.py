@@ -1,4 +1,5 @@
-"""ViTPose "classic" keypoint head (spec 3.3) and the soft-argmax decoder (spec 3.4).
+"""ViTPose "classic" keypoint head and the soft-argmax decoder (docs/sonichu.md, sections
+"Architecture" and "Soft-argmax").
 
 Head: ConvTranspose 4x4 stride 2 (no bias), BatchNorm, ReLU, twice, then a 1x1 conv to K heatmap
 logits; (B, 16, 16, 768) tokens become (B, 64, 64, K). Children are named as mmpose's
@@ -14,6 +15,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ultrasound_nn import batch_norm
 
 
 class ViTPoseHead(nn.Module):
@@ -46,9 +49,10 @@ class ViTPoseHead(nn.Module):
       x = nn.ConvTranspose(self.filters, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
                            transpose_kernel=True, use_bias=False, kernel_init=small,
                            name=f'deconv_layers_{i}', **kw)(x)
-      # Flax momentum weights the old statistic: 0.9 is torch's momentum=0.1.
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                       name=f'deconv_layers_{i + 1}', **kw)(x)
+      # torch's BatchNorm2d, unbiased running variance included; Flax momentum weights the old
+      # statistic: 0.9 is torch's momentum=0.1.
+      x = batch_norm.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                               name=f'deconv_layers_{i + 1}', **kw)(x)
       x = nn.relu(x)
     return nn.Conv(self.num_keypoints, (1, 1), kernel_init=small, name='final_layer', **kw)(x)
 
@@ -57,7 +61,7 @@ def soft_argmax(heatmaps: jax.Array, temperature: float = 1.0) -> jax.Array:
   """Expected pixel-centre position under softmax(heatmaps / temperature), normalised to (0, 1).
 
   x = sum_ij p(i, j) (j + 0.5) / W and y = sum_ij p(i, j) (i + 0.5) / H: with pixel centres a
-  mirrored heatmap gives exactly 1 - x (spec 3.4), which flip TTA relies on; as the temperature goes
+  mirrored heatmap gives exactly 1 - x, which flip TTA relies on; as the temperature goes
   to 0 a delta at (i, j) gives ((j + 0.5) / W, (i + 0.5) / H).
 
   Args:

@@ -2,16 +2,19 @@
 
 An image batch and a task name go in; (B, K, 2) normalised keypoints (x, y) in (0, 1) come out. The
 task is a static Python string, so under `jit` each task compiles its own program with only its
-head: running all nine heads on every image would cost 75 % more compute (spec 2.3).
+head: running all nine heads on every image would cost 75 % more compute (the backbone is about
+23.1 GMAC per image, a head about 1.9).
 
-Parameter count with the defaults (spec 2): backbone 85,843,200 (including the stored 256 x 768
-position table), each head 4,195,328 + 257 K, the nine heads (K sum 60) 37,773,372; 123,616,572 in
-all, the "124M" of the name. BatchNorm buffers add 1,024 scalars per head.
+Parameter count with the defaults (docs/sonichu.md, section "Architecture"): backbone 85,843,200
+(including the stored 256 x 768 position table), each head 4,195,328 + 257 K, the nine heads (K sum
+60) 37,773,372; 123,616,572 in all, the "124M" of the name. BatchNorm buffers add 1,024 scalars per
+head.
 
-Flip test-time augmentation (spec 3.6, the ViTPose flip test with soft-argmax): the image and its
-horizontal mirror go through the network; the mirror's keypoints are mapped back (x -> 1 - x, then
-the task's flip pairs swapped) and the two coordinate sets are averaged. Averaging coordinates
-equals averaging the two softmax probability maps, since soft-argmax is linear in them.
+Flip test-time augmentation (the ViTPose flip test with soft-argmax; see docs/sonichu.md, section
+"Flip test-time augmentation"): the image and its horizontal mirror go through the network; the
+mirror's keypoints are mapped back (x -> 1 - x, then the task's flip pairs swapped) and the two
+coordinate sets are averaged. Averaging coordinates equals averaging the two softmax probability
+maps, since soft-argmax is linear in them.
 """
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +40,7 @@ class SonichuModel(nn.Module):
     patch_size, embed_dim, depth, num_heads, mlp_ratio, patch_padding, drop_path_rate: the
       backbone's (see VisionTransformer).
     head_filters: channels of the heads' deconvolutions.
-    temperature: soft-argmax temperature (spec 3.4; SONICHU's value is unpublished; 1 is the
+    temperature: soft-argmax temperature (SONICHU's value is unpublished; 1 is the
       integral-regression standard for a model trained on coordinates).
     dtype: computation dtype.
     param_dtype: parameter dtype.
@@ -85,7 +88,7 @@ class SonichuModel(nn.Module):
       images: preprocessed images (sonichu_jax/preprocess.py), channels-last.
       task: a task name of `self.tasks`; static (a Python string).
       train: batch statistics and stochastic depth; training batches must hold one task only, or the
-        head's BatchNorm statistics mix tasks (spec 3.5).
+        head's BatchNorm statistics mix tasks.
       tta: average with the prediction on the mirrored image (inference only).
     """
     if not tta:

@@ -1,4 +1,4 @@
-"""ViT-B/16 backbone of SONICHU (spec 3.2): I-JEPA's encoder, channels-last, timm parameter names.
+"""ViT-B/16 backbone of SONICHU: I-JEPA's encoder, channels-last, timm parameter names.
 
 The network: a 16x16 stride-16 patch convolution, a stored position embedding with one entry per
 patch (I-JEPA has no class token; its table is a fixed 2-D sin-cos one), pre-LN transformer blocks
@@ -9,9 +9,9 @@ Module names are timm's and I-JEPA's (`patch_embed/proj`, `pos_embed`, `blocks_{
 attn/{qkv, proj}, norm2, mlp/{fc1, fc2}}`, `norm`), so a checkpoint converts by a renaming table
 (sonichu_jax/convert.py).
 
-`patch_padding` exists for ViTPose checkpoints only: mmpose's ViT pads its patch convolution by 2
-pixels (spec 5.4), which keeps the grid size but shifts it; 0 (timm, I-JEPA, SONICHU) is the
-default.
+`patch_padding` exists for ViTPose checkpoints only: mmpose's ViT
+(`mmpose/models/backbones/vit.py` in ViTPose) pads its patch convolution by 2 pixels, which keeps
+the grid size but shifts it; 0 (timm, I-JEPA, SONICHU) is the default.
 """
 from typing import Any
 

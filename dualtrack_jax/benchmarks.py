@@ -1,6 +1,11 @@
-"""DualTrack whole-sweep inference cases for `launch.bench_inference` (`--model=dualtrack`).
+"""DualTrack's benchmarks for `launch.benchmark`: whole-sweep inference, the simulator, the pipeline.
 
-One case per sweep length N: `DualTrack(**preset)` on a batch of one sweep, i.e. what
+`--bench=inference --model=dualtrack` runs `cases`, given `launch.bench_inference.Options` (read by
+attribute: sizes, dtypes, preset, tile, original, seed); each case is a mapping of that module's
+`Case` fields. `--bench=simulator` and `--bench=pipeline` run `simulator_speed` and
+`pipeline_speed`.
+
+Inference: one case per sweep length N: `DualTrack(**preset)` on a batch of one sweep, i.e. what
 `launch.predict` runs per sweep after preprocessing: local frames (1, N, 256, 256) and the
 global encoder's frames (1, M, 224, 224) at `regular_grid_indices(N)`, float32 in [0, 1). The
 original receives all N global frames, as its `DualTrack.forward` does (it gathers the M itself),
@@ -18,6 +23,8 @@ import dataclasses
 import functools
 import os
 import sys
+import tempfile
+import time
 from typing import Any
 
 import jax
@@ -25,9 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dualtrack_jax import convert
+from dualtrack_jax.data import pipeline
+from dualtrack_jax.data import registry
+from dualtrack_jax.data import simulator
+from dualtrack_jax.data import transforms
 from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import resnet3d
-from launch import bench_inference
 
 # --preset -> (our keyword arguments, the original's model config file).
 PRESETS = {
@@ -86,8 +96,8 @@ def _original_model(path: str, config_file: str, state_dict: Mapping[str, np.nda
   return module.eval()
 
 
-def cases(options: bench_inference.Options, *, geometry: Geometry = Geometry(),
-          overrides: Mapping[str, Any] | None = None) -> Iterator[bench_inference.Case]:
+def cases(options, *, geometry: Geometry = Geometry(),
+          overrides: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
   """The cases of `options` (one per sweep length).
 
   Args:
@@ -99,11 +109,8 @@ def cases(options: bench_inference.Options, *, geometry: Geometry = Geometry(),
   preset_name = options.preset or 'tus_rec_2024'
   if preset_name not in PRESETS:
     raise ValueError(f'--preset={preset_name!r}: unknown; known: {sorted(PRESETS)}')
-  unknown = sorted(set(options.dtypes) - set(DTYPES))
-  if unknown:
-    raise ValueError(f'--dtype: unknown {unknown}; known: {sorted(DTYPES)}')
   if overrides and options.original:
-    raise ValueError('bench_dualtrack: overrides change the model; the original cannot follow')
+    raise ValueError('dualtrack benchmark: overrides change the model; the original cannot follow')
   preset, config_file = PRESETS[preset_name]
   kwargs = {**preset, **(overrides or {})}
   whole = kwargs
@@ -134,14 +141,14 @@ def cases(options: bench_inference.Options, *, geometry: Geometry = Geometry(),
     if torch_module is not None:
       import torch  # Only with --original.
       torch_inputs = (torch.from_numpy(global_all[:, :, None]), torch.from_numpy(local[:, :, None]))
-    yield bench_inference.Case(
+    yield dict(
         label=(f'dualtrack {preset_name}, {num_frames} frames (local '
                f'{"x".join(map(str, geometry.local_hw))}, global '
                f'{"x".join(map(str, geometry.global_hw))}, {global_.shape[1]} global frames)'
                f'{tiling}'),
         items=num_frames, item_name='frames', inputs=(local, global_),
-        variants=tuple(bench_inference.Variant(name, functools.partial(_apply, models[name]),
-                                               variables, flops_fns[name])
+        variants=tuple(dict(dtype=name, fn=functools.partial(_apply, models[name]),
+                            variables=variables, flops_fn=flops_fns[name])
                        for name in options.dtypes),
         torch_module=torch_module, torch_inputs=torch_inputs,
         to_numpy=lambda poses: poses.float().numpy())
@@ -154,3 +161,36 @@ def _apply(model: dualtrack.DualTrack, variables, local, global_):
 def _apply_unchunked(model: dualtrack.DualTrack, variables, local, global_):
   with resnet3d.unchunked():
     return model.apply(variables, local, global_)
+
+
+# TUS-REC frames: 480x640 pixels of 0.229 x 0.221 mm.
+_TUSREC_FRAMES = dict(height=480, width=640, pixel_spacing_mm=(0.229389190673828,
+                                                                0.220979690551758))
+
+
+def simulator_speed(repeats: int) -> None:
+  """Frames per second of the sweep simulator, default frames and TUS-REC-sized frames."""
+  for name, overrides in (('default 96x128', {}), ('TUS-REC 480x640', _TUSREC_FRAMES)):
+    config = simulator.SimulatorConfig(**overrides, num_frames=(100, 100))
+    simulator.simulate_sweep(config, 0)  # Warm-up (imports, FFT plans).
+    rates = []
+    for seed in range(1, repeats + 1):
+      start = time.perf_counter()
+      simulate_frames = len(simulator.simulate_sweep(config, seed)['images'])
+      rates.append(simulate_frames / (time.perf_counter() - start))
+    print(f'simulator {name}: {np.median(rates):.1f} frames/s (median of {repeats} sweeps of '
+          f'100 frames; min {min(rates):.1f}, max {max(rates):.1f})')
+
+
+def pipeline_speed(num_batches: int) -> None:
+  """Windows per second of the local-window Grain pipeline with 0 and 2 worker processes."""
+  with tempfile.TemporaryDirectory() as root:
+    csv = simulator.write_dataset(root, config=simulator.SimulatorConfig(), num_train=8,
+                                  num_val=0, seed=0)
+    records = registry.read_sweep_csv(csv, 'train')
+    for workers in (0, 2):
+      ds = pipeline.local_windows(records, window=16, crop_hw=(64, 64), batch_size=8, seed=0,
+                                  augment=transforms.LOCAL_AUGMENT, num_workers=workers)
+      result = pipeline.measure_throughput(ds, num_batches=num_batches)
+      print(f'pipeline local_windows (K=16, crop 64x64 of 96x128, batch 8), {workers} workers: '
+            f'{result["elements_per_s"]:.1f} windows/s over {num_batches} batches')

@@ -1,4 +1,7 @@
-"""SONICHU batched inference cases for `launch.bench_inference` (`--model=sonichu`).
+"""SONICHU batched inference cases for `launch.benchmark --bench=inference --model=sonichu`.
+
+`cases` is given `launch.bench_inference.Options` (read by attribute: sizes, dtypes, preset, tile,
+original, seed) and yields mappings of that module's `Case` fields.
 
 One case per batch size B (`--frames=B`): `SonichuModel` on B preprocessed 256x256 images for one
 task (HC, 4 keypoints: the backbone and one head, what `launch.predict` runs per image batch),
@@ -20,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from launch import bench_inference
 from sonichu_jax import convert
 from sonichu_jax import tasks
 from sonichu_jax.models import sonichu
@@ -102,8 +104,7 @@ def torch_model(model: sonichu.SonichuModel, variables: Mapping[str, Any], task:
   return module.eval()
 
 
-def cases(options: bench_inference.Options, *,
-          overrides: Mapping[str, Any] | None = None) -> Iterator[bench_inference.Case]:
+def cases(options, *, overrides: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
   """The cases of `options`: one per batch size (`options.sizes`).
 
   Args:
@@ -113,9 +114,6 @@ def cases(options: bench_inference.Options, *,
   preset_name = options.preset or 'sonichu_124m'
   if preset_name not in PRESETS:
     raise ValueError(f'--preset={preset_name!r}: unknown; known: {sorted(PRESETS)}')
-  unknown = sorted(set(options.dtypes) - set(DTYPES))
-  if unknown:
-    raise ValueError(f'--dtype: unknown {unknown}; known: {sorted(DTYPES)}')
   if options.original not in (None, ORIGINAL):
     raise ValueError(f'--original={options.original!r}: SONICHU has no released code; use '
                      f'--original={ORIGINAL} (the same network built from timm)')
@@ -133,12 +131,12 @@ def cases(options: bench_inference.Options, *,
     if module is not None:
       import torch  # Only with --original.
       torch_inputs = (torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),)
-    yield bench_inference.Case(
+    yield dict(
         label=(f'sonichu {preset_name}, batch {batch} ({IMAGE_SIZE}x{IMAGE_SIZE}, task {TASK}, '
                f'ViT depth {reference.depth} width {reference.embed_dim})'),
         items=batch, item_name='images', inputs=(images,),
-        variants=tuple(bench_inference.Variant(name, functools.partial(_apply, models[name]),
-                                               variables) for name in options.dtypes),
+        variants=tuple(dict(dtype=name, fn=functools.partial(_apply, models[name]),
+                            variables=variables) for name in options.dtypes),
         torch_module=module, torch_inputs=torch_inputs,
         to_numpy=lambda coords: coords.float().numpy())
 
