@@ -1,4 +1,4 @@
-"""DualTrack's benchmarks for `launch.benchmark`: whole-sweep inference, the simulator, the pipeline.
+"""DualTrack's benchmarks (`launch.benchmark`): whole-sweep inference, the simulator, the pipeline.
 
 `--bench=inference --model=dualtrack` runs `cases`, given `launch.bench_inference.Options` (read by
 attribute: sizes, dtypes, preset, tile, original, seed); each case is a mapping of that module's
@@ -38,6 +38,7 @@ from dualtrack_jax.data import simulator
 from dualtrack_jax.data import transforms
 from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import resnet3d
+from ultrasound_common import errors
 
 # --preset -> (our keyword arguments, the original's model config file).
 PRESETS = {
@@ -85,7 +86,8 @@ def _original_model(path: str, config_file: str, state_dict: Mapping[str, np.nda
   path = os.path.abspath(path)
   config = os.path.join(path, config_file)
   if not os.path.isfile(config):
-    raise ValueError(f'--original={path}: {config_file} not found (not a DualTrack checkout)')
+    raise errors.InputError(
+        f'--original={path}: {config_file} not found (not a DualTrack checkout)')
   if path not in sys.path:
     sys.path.insert(0, path)
   import torch  # Only with --original.
@@ -108,9 +110,10 @@ def cases(options, *, geometry: Geometry = Geometry(),
   """
   preset_name = options.preset or 'tus_rec_2024'
   if preset_name not in PRESETS:
-    raise ValueError(f'--preset={preset_name!r}: unknown; known: {sorted(PRESETS)}')
+    raise errors.InputError(f'--preset={preset_name!r}: unknown; known: {sorted(PRESETS)}')
   if overrides and options.original:
-    raise ValueError('dualtrack benchmark: overrides change the model; the original cannot follow')
+    raise errors.InputError(
+        'dualtrack benchmark: overrides change the model; the original cannot follow')
   preset, config_file = PRESETS[preset_name]
   kwargs = {**preset, **(overrides or {})}
   whole = kwargs

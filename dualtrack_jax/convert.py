@@ -35,6 +35,8 @@ import flax
 import jax
 import numpy as np
 
+from ultrasound_common import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class Scheme:
@@ -155,8 +157,8 @@ def _flatten(variables: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
   leaves = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
   for path in leaves:
     if path[0] not in ('params', 'batch_stats'):
-      raise ValueError(f'convert: unsupported variable collection {path[0]!r} (at '
-                       f'{"/".join(path)}); only params and batch_stats have torch tensors')
+      raise errors.InputError(f'convert: unsupported variable collection {path[0]!r} (at '
+                              f'{"/".join(path)}); only params and batch_stats have torch tensors')
   return leaves
 
 
@@ -175,7 +177,7 @@ def _kernel_layout(shape: tuple[int, ...], conv_as_3d: bool, where: str):
     kt, kh, kw, i, o = shape
     return ((o, i, kt, kh, kw), lambda t: t.transpose(2, 3, 4, 1, 0),
             lambda k: k.transpose(4, 3, 0, 1, 2))
-  raise ValueError(f'convert: no torch layout for the {len(shape)}-d kernel {where}')
+  raise errors.InputError(f'convert: no torch layout for the {len(shape)}-d kernel {where}')
 
 
 def _part_of(table: Table, path: tuple[str, ...]) -> Part | None:
@@ -192,8 +194,8 @@ def _sort_key(part_index: int, part: Part, key: str) -> tuple:
     elif name in order:
       ranks.append((1, order.index(name)))
     else:
-      raise ValueError(f'convert: scheme {part.scheme.name!r} does not know the torch name '
-                       f'{name!r} of {key} (a module name that the table does not cover)')
+      raise errors.InputError(f'convert: scheme {part.scheme.name!r} does not know the torch name '
+                              f'{name!r} of {key} (a module name that the table does not cover)')
   return part_index, ranks
 
 
@@ -205,7 +207,7 @@ def _torch_layout(variables: Mapping[str, Any], table: Table) -> list[_Entry]:
     where = '/'.join(leaf)
     part = _part_of(table, path)
     if part is None:
-      raise ValueError(f'convert: the table has no part for the Flax leaf {where}')
+      raise errors.InputError(f'convert: the table has no part for the Flax leaf {where}')
     index = table.index(part)
     relative = path[len(part.flax_path):]
     module = part.scheme.torch_module(relative[:-1])
@@ -224,7 +226,7 @@ def _torch_layout(variables: Mapping[str, Any], table: Table) -> list[_Entry]:
   entries.sort(key=lambda e: e[0])
   duplicates = [k for k, n in collections.Counter(e.key for _, e in entries).items() if n > 1]
   if duplicates:
-    raise ValueError(f'convert: the table maps several Flax leaves to {duplicates[:10]}')
+    raise errors.InputError(f'convert: the table maps several Flax leaves to {duplicates[:10]}')
   return [e for _, e in entries]
 
 
@@ -280,8 +282,8 @@ def from_torch(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any]
     if value.shape != entry.shape:
       if allow_reinit and re.search(allow_reinit, entry.key):
         if isinstance(target, jax.ShapeDtypeStruct):
-          raise ValueError(f'convert.from_torch: allow_reinit needs an initialised template '
-                           f'(model.init), not shapes only, to re-initialise {entry.key}')
+          raise errors.InputError(f'convert.from_torch: allow_reinit needs an initialised template '
+                                  f'(model.init), not shapes only, to re-initialise {entry.key}')
         reinit.append(entry.key)
         logging.warning('Re-initialised %s: %s in the checkpoint, %s in the model (allow_reinit).',
                         entry.key, value.shape, entry.shape)
@@ -305,7 +307,7 @@ def from_torch(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any]
       message += _listing('unused keys, in the state dict but not in the model', unused)
     if shapes:
       message += _listing('wrong shapes or dtypes', shapes)
-    raise ValueError(message)
+    raise errors.InputError(message)
   if allow_reinit and not reinit:
     logging.info('allow_reinit=%r: every tensor fitted, nothing re-initialised.', allow_reinit)
   return flax.traverse_util.unflatten_dict(out)

@@ -35,6 +35,7 @@ from dualtrack_jax.data import transforms
 from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import local_encoder
 from dualtrack_jax.models import resnet3d
+from ultrasound_common import errors
 
 # Sweeps the stage-1 export accepts by default (it has no position table to bound them).
 DEFAULT_MAX_FRAMES = 4096
@@ -49,23 +50,25 @@ POSE_VECTOR = ('[tx, ty, tz] in mm, [rx, ry, rz] in degrees, R = Rz(rz) Ry(ry) R
 def _frame_size(options: Mapping[str, str], crop: tuple[int, int]) -> tuple[int, int]:
   text = options.get('frame_size')
   if text is None:
-    raise ValueError(f'export option frame_size=HxW is required: the size of the raw frames the '
-                     f'function takes (e.g. 480x640); the model sees their {crop[0]}x{crop[1]} '
-                     'centre crop')
+    raise errors.InputError(
+        f'export option frame_size=HxW is required: the size of the raw frames the '
+        f'function takes (e.g. 480x640); the model sees their {crop[0]}x{crop[1]} '
+        'centre crop')
   match = re.fullmatch(r'\s*(\d+)\s*[xX]\s*(\d+)\s*', text)
   if not match:
-    raise ValueError(f'export option frame_size={text!r}: expected HxW, e.g. 480x640')
+    raise errors.InputError(f'export option frame_size={text!r}: expected HxW, e.g. 480x640')
   size = int(match.group(1)), int(match.group(2))
   if size[0] < crop[0] or size[1] < crop[1]:
-    raise ValueError(f'export option frame_size={text}: frames of {size[0]}x{size[1]} are smaller '
-                     f'than the {crop[0]}x{crop[1]} centre crop this model was trained on')
+    raise errors.InputError(
+        f'export option frame_size={text}: frames of {size[0]}x{size[1]} are smaller '
+        f'than the {crop[0]}x{crop[1]} centre crop this model was trained on')
   return size
 
 
 def _int_option(options: Mapping[str, str], key: str, default: int, low: int, high: int) -> int:
   text = options.get(key, str(default))
   if not re.fullmatch(r'\s*\d+\s*', text) or not low <= int(text) <= high:
-    raise ValueError(f'export option {key}={text!r}: expected an integer in [{low}, {high}]')
+    raise errors.InputError(f'export option {key}={text!r}: expected an integer in [{low}, {high}]')
   return int(text)
 
 
@@ -172,7 +175,7 @@ def sweep_spec(model_kwargs: Mapping[str, Any], variables: Mapping[str, Any],
   frame_hw = _frame_size(options, crop)
   source = options.get('global_source', global_source)
   if source not in GLOBAL_SOURCES:
-    raise ValueError(
+    raise errors.InputError(
         f"global source {source!r} (config.data.global_source, or export option global_source) "
         "cannot be computed inside the function: 'downsampled' reads the sweep file's stored "
         "'images_downsampled-224' frames. Export with --option global_source=context (the same "
@@ -181,8 +184,9 @@ def sweep_spec(model_kwargs: Mapping[str, Any], variables: Mapping[str, Any],
         f'{", ".join(GLOBAL_SOURCES)}')
   border = transforms.CONTEXT_BORDER if source == 'context' else 0
   if source == 'context' and not (2 * border < frame_hw[0] and 2 * border < frame_hw[1]):
-    raise ValueError(f'export option frame_size={frame_hw[0]}x{frame_hw[1]}: the {border}-pixel '
-                     "border crop of global_source 'context' does not fit")
+    raise errors.InputError(
+        f'export option frame_size={frame_hw[0]}x{frame_hw[1]}: the {border}-pixel '
+        "border crop of global_source 'context' does not fit")
   m = dualtrack.DualTrack(**model_kwargs)
   # The global frames' resize: constant matrices of the fixed frame size (not weights).
   inner = (frame_hw[0] - 2 * border, frame_hw[1] - 2 * border)

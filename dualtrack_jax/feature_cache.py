@@ -35,6 +35,7 @@ from dualtrack_jax.data import sweeps
 from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import resnet3d
 from dualtrack_jax.models import transformer
+from ultrasound_common import errors
 
 FEATURES = 'features'
 _VERSION = 1  # Bump when the feature computation changes.
@@ -137,8 +138,9 @@ class FeatureCache:
       with h5py.File(path, 'r') as f:
         return np.asarray(f[FEATURES], np.float32)
     except (OSError, KeyError) as e:
-      raise FileNotFoundError(f'{path}: no cached {FEATURES!r} ({e}); the cache must be filled '
-                              'before training (FeatureCache.ensure)') from e
+      raise errors.MissingFileError(
+          f'{path}: no cached {FEATURES!r} ({e}); the cache must be filled '
+          'before training (FeatureCache.ensure)') from e
 
   def ensure(self, sweep_id: str, num_frames: int, compute) -> bool:
     """Writes the features of a sweep unless present; returns whether they were computed.
@@ -153,8 +155,8 @@ class FeatureCache:
     os.makedirs(self.directory, exist_ok=True)
     features = np.asarray(compute(), np.float32)
     if features.shape[0] != num_frames:
-      raise ValueError(f'{path}: computed {features.shape[0]} feature frames for a sweep of '
-                       f'{num_frames}')
+      raise errors.InputError(f'{path}: computed {features.shape[0]} feature frames for a sweep of '
+                              f'{num_frames}')
     with sweeps.atomic_output(path) as tmp, h5py.File(tmp, 'w') as f:
       f.create_dataset(FEATURES, data=features)
     return True

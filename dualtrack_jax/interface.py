@@ -1,7 +1,7 @@
 """What `launch` calls for DualTrack (the protocol is in launch/models.py; registered in setup.cfg).
 
 - `launch.predict`: whole sweeps from h5 files or a dataset (`predict.py`): poses, trajectory,
-  volume and, with tracking in the file, the metrics.
+  volume and, with tracking in the file, the metrics; or a TUS-REC submission (`submission.py`).
 - `launch.convert`: the released PyTorch checkpoints and stage-1 models in (`CONVERTERS`), any
   stage's run back to the original's state dict.
 - `launch.benchmark`: whole-sweep inference against the original, the simulator and the pipeline
@@ -17,12 +17,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dualtrack_jax import baseline_benchmarks
 from dualtrack_jax import benchmarks
 from dualtrack_jax import convert
+from dualtrack_jax import plots
 from dualtrack_jax import predict
+from dualtrack_jax import submission
 from dualtrack_jax import volume
 from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import local_encoder
+from ultrasound_common import errors
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
                         'dualtrack')
@@ -46,14 +50,32 @@ def define_predict_flags() -> None:
                     'slower).')
   flags.DEFINE_integer('max_voxels', volume.DEFAULT_MAX_VOXELS,
                        'DualTrack: refuse volumes with more voxels (use a larger --spacing_mm).')
+  flags.DEFINE_string('tusrec_frames_dir', None, "DualTrack: write a TUS-REC submission (the four "
+                      "DDFs per scan) for the challenge data's frames/ folder instead.")
+  flags.DEFINE_string('tusrec_landmarks_dir', None, 'TUS-REC submission: the landmarks; default: '
+                      'landmarks/ or landmark/ beside the frames folder.')
+  flags.DEFINE_string('tusrec_transfs_dir', None, 'TUS-REC submission: tforms (validation data) '
+                      'for the errors; default: transfs/ beside the frames folder if there is one.')
+  flags.DEFINE_string('tusrec_calibration', None, 'TUS-REC submission: calib_matrix.csv; default: '
+                      'the one beside the frames folder, else the built-in 2024 calibration.')
+  flags.DEFINE_integer('frames_per_chunk', submission.DEFAULT_FRAMES_PER_CHUNK, 'TUS-REC '
+                       'submission: frames of an all-pixel DDF computed at a time (memory).')
 
 
 def plan_predictions(run, inputs: list[str], flag_values):
-  """One output folder per sweep (`predict.py`); sweeps come from --sweep or --dataset."""
-  if inputs:
-    raise ValueError(f'DualTrack runs take --sweep=FILE.h5 or --dataset=NAME, not arguments: '
-                     f'{inputs}')
+  """One output folder per sweep (`predict.py`), sweeps from --sweep or --dataset; or, with
+  --tusrec_frames_dir, one folder with a TUS-REC submission (`submission.py`)."""
   f = flag_values
+  if inputs:
+    raise errors.InputError(f'DualTrack runs take --sweep=FILE.h5, --dataset=NAME or '
+                            f'--tusrec_frames_dir=DIR, not arguments: {inputs}')
+  if f.tusrec_frames_dir:
+    if f.sweep or f.dataset:
+      raise errors.InputError('--tusrec_frames_dir writes a submission: give no --sweep or '
+                              '--dataset with it')
+    return submission.plan(run, f.tusrec_frames_dir, landmarks_dir=f.tusrec_landmarks_dir,
+                           transfs_dir=f.tusrec_transfs_dir, calibration=f.tusrec_calibration,
+                           frames_per_chunk=f.frames_per_chunk)
   return predict.plan(run, sweep_paths=f.sweep or (), dataset=f.dataset, split=f.split,
                       registry=f.registry, spacing_mm=f.spacing_mm, volume_format=f.volume_format,
                       compounding=f.compounding, max_voxels=f.max_voxels)
@@ -74,10 +96,17 @@ TABLES = {f'{_EXPERIMENTS}local_stage1': convert.LOCAL_STAGE1,
           f'{_EXPERIMENTS}fusion': convert.DUALTRACK}
 
 
+def compare_figures(results) -> dict[str, Any]:
+  """`launch.evaluate` of several runs: per validation sweep, one trajectory plot with every run's
+  prediction (the runs' evaluation results, {run name: EvalResult}, in legend order)."""
+  return plots.sweep_comparisons({name: result.sweeps for name, result in results.items()})
+
+
 def converter_config(name: str, variant: str) -> str:
   """The config file of a converted model: stage 1's, or fusion's for the released models."""
   if variant != 'full':
-    raise ValueError(f'--variant={variant!r}: DualTrack conversions use the full configs only')
+    raise errors.InputError(
+        f'--variant={variant!r}: DualTrack conversions use the full configs only')
   return os.path.join(_CONFIGS, 'local_stage1.py' if name == 'local_stage1' else 'fusion.py')
 
 
@@ -85,8 +114,9 @@ def _local_stage1_architecture(state_dict: dict[str, np.ndarray], source: str) -
   """widths, stem_width and temporal_kernels of a `VideoResnetTrackingEstimator` state dict."""
   def kernel(key: str) -> tuple[int, ...]:
     if key not in state_dict or state_dict[key].ndim != 5:
-      raise ValueError(f'{source}: not a stage-1 local encoder (VideoResnetTrackingEstimator) '
-                       f'state dict: no Conv3d weight {key}')
+      raise errors.InputError(
+          f'{source}: not a stage-1 local encoder (VideoResnetTrackingEstimator) '
+          f'state dict: no Conv3d weight {key}')
     return state_dict[key].shape
   layers = [kernel(f'backbone.layer{i}.0.conv1.0.weight') for i in range(1, 5)]
   return dict(widths=tuple(k[0] for k in layers), stem_width=kernel('backbone.stem.0.weight')[0],
@@ -136,7 +166,7 @@ def from_torch(name: str, state_dict: dict[str, np.ndarray], config: ml_collecti
     variables = convert.from_torch(state_dict, template, TABLES[config.experiment],
                                    allow_reinit=allow_reinit)
   except ValueError as e:
-    raise ValueError(f'{source} (--model={name}): {e}') from None
+    raise errors.InputError(f'{source} (--model={name}): {e}') from None
   return variables, config
 
 
@@ -154,12 +184,13 @@ def to_torch(variables, config, *, source: str) -> dict[str, np.ndarray]:
   with `load_state_dict(strict=True)`."""
   experiment = config.get('experiment')
   if experiment not in TABLES:
-    raise ValueError(f'{source}: config.experiment {experiment!r} has no torch counterpart here; '
-                     f'supported: {", ".join(sorted(TABLES))}')
+    raise errors.InputError(
+        f'{source}: config.experiment {experiment!r} has no torch counterpart here; '
+        f'supported: {", ".join(sorted(TABLES))}')
   if experiment == f'{_EXPERIMENTS}local_stage1':
     variables = _fold_target_scaling(variables, config['model'])
   return convert.to_torch(variables, TABLES[experiment])
 
 
-INFERENCE_BENCHMARKS = {'dualtrack': benchmarks.cases}
+INFERENCE_BENCHMARKS = {'dualtrack': benchmarks.cases, **baseline_benchmarks.INFERENCE_BENCHMARKS}
 BENCHMARKS = {'simulator': benchmarks.simulator_speed, 'pipeline': benchmarks.pipeline_speed}

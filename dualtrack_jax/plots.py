@@ -39,10 +39,25 @@ def trajectory_figure(pred_global, gt_global, *, title: str = '', pixel_to_image
     image_shape: optional (H, W).
     outline_every: draw the frame outline every this many frames (0 = none; needs the two above).
   """
-  curves = [(trajectory_points(pred_global, pixel_to_image, image_shape), 'tab:orange',
-             'predicted')]
+  return comparison_figure({'predicted': pred_global}, gt_global, title=title,
+                           pixel_to_image=pixel_to_image, image_shape=image_shape,
+                           outline_every=outline_every)
+
+
+# The true trajectory's colour, then the predictions' in order (matplotlib's tab10 without blue).
+_COLORS = ('tab:blue', 'tab:orange', 'tab:green', 'tab:red', 'tab:purple', 'tab:brown',
+           'tab:pink', 'tab:gray', 'tab:olive', 'tab:cyan')
+
+
+def comparison_figure(predictions, gt_global, *, title: str = '', pixel_to_image=None,
+                      image_shape=None, outline_every: int = 0) -> Figure:
+  """`trajectory_figure` with one line per method: `predictions` maps a label to its (N, 4, 4)
+  global transforms (in the legend's order); the other arguments are `trajectory_figure`'s."""
+  colors = iter(_COLORS[1:] * (1 + len(predictions) // (len(_COLORS) - 1)))
+  curves = [(trajectory_points(g, pixel_to_image, image_shape), next(colors), label)
+            for label, g in predictions.items()]
   if gt_global is not None:
-    curves.insert(0, (trajectory_points(gt_global, pixel_to_image, image_shape), 'tab:blue',
+    curves.insert(0, (trajectory_points(gt_global, pixel_to_image, image_shape), _COLORS[0],
                       'true'))
   fig = Figure(figsize=(12, 4.2), dpi=80)
   FigureCanvasAgg(fig)
@@ -64,3 +79,22 @@ def trajectory_figure(pred_global, gt_global, *, title: str = '', pixel_to_image
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   return fig
+
+
+def sweep_comparisons(runs) -> dict[str, Figure]:
+  """One `comparison_figure` per sweep that every run evaluated, named 'compare/<sweep_id>'.
+
+  Args:
+    runs: {run name: the sweeps of its evaluation (`SweepEvaluator`'s EvalResult.sweeps: dicts
+      with sweep_id, pred_global, gt_global, pixel_to_image, image_shape)}, in legend order.
+  """
+  by_run = {name: {s['sweep_id']: s for s in sweeps} for name, sweeps in runs.items()}
+  common = [i for i in next(iter(by_run.values()), {}) if all(i in s for s in by_run.values())]
+  figures = {}
+  for sweep_id in common:
+    first = next(iter(by_run.values()))[sweep_id]
+    figures[f'compare/{sweep_id}'] = comparison_figure(
+        {name: sweeps[sweep_id]['pred_global'] for name, sweeps in by_run.items()},
+        first['gt_global'], title=str(sweep_id), pixel_to_image=first.get('pixel_to_image'),
+        image_shape=first.get('image_shape'))
+  return figures

@@ -30,6 +30,7 @@ from dualtrack_jax import pose
 from dualtrack_jax import volume as volume_lib
 from dualtrack_jax.data import datasets
 from dualtrack_jax.data import sweeps
+from ultrasound_common import errors
 
 VOLUME_FORMATS = ('nii.gz', 'nii', 'h5')
 # The metric shown in the trajectory plot's title ("GPE" of the paper's tables).
@@ -44,8 +45,9 @@ def sweep_inputs(config: ml_collections.ConfigDict, sweep_paths=(), dataset: str
                  split: str = 'val', registry: str | None = None) -> list[tuple[str, str]]:
   """(sweep_id, path) of the sweeps to predict; every file is validated before any prediction."""
   if bool(sweep_paths) == bool(dataset):
-    raise ValueError('give sweep files (--sweep=FILE.h5, repeatable) or --dataset=NAME, not both '
-                     'and not neither')
+    raise errors.InputError(
+        'give sweep files (--sweep=FILE.h5, repeatable) or --dataset=NAME, not both '
+        'and not neither')
   if dataset:
     data = ml_collections.ConfigDict(dict(config.get('data', {})))
     data.dataset = dataset
@@ -53,7 +55,7 @@ def sweep_inputs(config: ml_collections.ConfigDict, sweep_paths=(), dataset: str
       data.registry = registry
     inputs = [(r.sweep_id, r.path) for r in datasets.load_split(data, split)]
     if not inputs:
-      raise ValueError(f"--dataset={dataset}: no sweeps in split '{split}'")
+      raise errors.InputError(f"--dataset={dataset}: no sweeps in split '{split}'")
   else:
     inputs = [(os.path.splitext(os.path.basename(p))[0], os.fspath(p)) for p in sweep_paths]
   for _, path in inputs:
@@ -92,9 +94,10 @@ def write_outputs(run: Any, sweep_id: str, reader: sweeps.SweepReader, out: str,
   n, image_hw, pixel_to_image = reader.num_frames, reader.image_shape, reader.pixel_to_image
   vectors = np.asarray(run.experiment.predict_sweep(run.variables, reader), np.float64)
   if vectors.shape != (n - 1, 6) or not np.all(np.isfinite(vectors)):
-    raise ValueError(f'{reader.path}: the model predicted pose vectors of shape {vectors.shape}'
-                     f'{"" if np.all(np.isfinite(vectors)) else " with NaN or inf"}; expected '
-                     f'({n - 1}, 6) finite values for {n} frames')
+    raise errors.InputError(
+        f'{reader.path}: the model predicted pose vectors of shape {vectors.shape}'
+        f'{"" if np.all(np.isfinite(vectors)) else " with NaN or inf"}; expected '
+        f'({n - 1}, 6) finite values for {n} frames')
   relative = pose.pose_vector_to_matrix(vectors)
   pred = pose.compose_relative(relative)
   tracking = reader.tracking
@@ -142,14 +145,17 @@ def plan(run: Any, *, sweep_paths=(), dataset: str | None = None, split: str = '
   (the text to print, the sweep's metrics: {} without tracking).
   """
   if not hasattr(run.experiment, 'predict_sweep'):
-    raise ValueError(f"{run.checkpoint_dir}: config.experiment '{run.config.experiment}' has no "
-                     'predict_sweep method, so it cannot predict sweeps')
+    raise errors.InputError(
+        f"{run.checkpoint_dir}: config.experiment '{run.config.experiment}' has no "
+        'predict_sweep method, so it cannot predict sweeps')
   if volume_format not in VOLUME_FORMATS:
-    raise ValueError(f'--volume_format must be one of {VOLUME_FORMATS}, got {volume_format!r}')
+    raise errors.InputError(
+        f'--volume_format must be one of {VOLUME_FORMATS}, got {volume_format!r}')
   if compounding not in volume_lib.METHODS:
-    raise ValueError(f'--compounding must be one of {volume_lib.METHODS}, got {compounding!r}')
+    raise errors.InputError(
+        f'--compounding must be one of {volume_lib.METHODS}, got {compounding!r}')
   if not spacing_mm > 0:
-    raise ValueError(f'--spacing_mm must be positive, got {spacing_mm}')
+    raise errors.InputError(f'--spacing_mm must be positive, got {spacing_mm}')
 
   def writer(sweep_id: str, path: str):
     def write(folder: str, name: str) -> tuple[str, dict[str, float]]:

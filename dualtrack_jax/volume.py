@@ -45,6 +45,8 @@ from matplotlib.figure import Figure
 import nibabel
 import numpy as np
 
+from ultrasound_common import errors
+
 DEFAULT_MAX_VOXELS = 512 ** 3
 METHODS = ('pnn', 'trilinear')
 # Pixels placed per chunk (one 480x640 frame): bounds the temporaries (trilinear: ~70 MB).
@@ -89,8 +91,9 @@ class Volume:
 def _spacing3(spacing) -> np.ndarray:
   s = np.broadcast_to(np.asarray(spacing, np.float64), (3,)).copy()
   if not (np.all(np.isfinite(s)) and np.all(s > 0)):
-    raise ValueError(f'dualtrack_jax.volume: spacing must be positive (mm, one or three values), '
-                     f'got {np.asarray(spacing).tolist()}')
+    raise errors.InputError(
+        f'dualtrack_jax.volume: spacing must be positive (mm, one or three values), '
+        f'got {np.asarray(spacing).tolist()}')
   return s
 
 
@@ -98,14 +101,15 @@ def _checked_transforms(global_transforms, pixel_to_image):
   g = np.asarray(global_transforms, np.float64)
   p = np.asarray(pixel_to_image, np.float64)
   if g.ndim != 3 or g.shape[1:] != (4, 4) or not len(g):
-    raise ValueError(
+    raise errors.InputError(
         f'dualtrack_jax.volume: global_transforms must be (N, 4, 4), got shape {g.shape}')
   if not np.all(np.isfinite(g)):
     bad = int(np.flatnonzero(~np.isfinite(g).all(axis=(1, 2)))[0])
-    raise ValueError(f'dualtrack_jax.volume: global_transforms[{bad}] is not finite')
+    raise errors.InputError(f'dualtrack_jax.volume: global_transforms[{bad}] is not finite')
   if p.shape != (4, 4) or not np.all(np.isfinite(p)):
-    raise ValueError(f'dualtrack_jax.volume: pixel_to_image must be a finite (4, 4) matrix, got '
-                     f'shape {p.shape}')
+    raise errors.InputError(
+        f'dualtrack_jax.volume: pixel_to_image must be a finite (4, 4) matrix, got '
+        f'shape {p.shape}')
   return g, p
 
 
@@ -141,8 +145,9 @@ def bounding_grid(global_transforms, pixel_to_image, image_shape: tuple[int, int
   else:
     box = np.asarray(bounds, np.float64)
     if box.shape != (2, 3) or not np.all(np.isfinite(box)) or not np.all(box[1] >= box[0]):
-      raise ValueError(f'dualtrack_jax.volume: bounds must be ((xmin, ymin, zmin), (xmax, ymax, '
-                       f'zmax)) with max >= min, got {np.asarray(bounds).tolist()}')
+      raise errors.InputError(
+          f'dualtrack_jax.volume: bounds must be ((xmin, ymin, zmin), (xmax, ymax, '
+          f'zmax)) with max >= min, got {np.asarray(bounds).tolist()}')
     low, high = box
   shape = tuple(int(n) for n in np.floor((high - low) / spacing + 0.5).astype(np.int64) + 1)
   grid = Grid(shape=shape, origin=low, spacing=spacing)
@@ -150,7 +155,7 @@ def bounding_grid(global_transforms, pixel_to_image, image_shape: tuple[int, int
     extent = high - low
     # The isotropic spacing whose grid fits, rounded up to 0.01 mm.
     fits = np.ceil(np.cbrt(np.prod(extent + spacing) / max_voxels) * 100) / 100
-    raise ValueError(
+    raise errors.InputError(
         f'dualtrack_jax.volume: spacing {spacing.tolist()} mm over a box of '
         f'{np.round(extent, 1).tolist()} mm gives a {"x".join(map(str, shape))} grid '
         f'({grid.num_voxels:,} voxels) > max_voxels={max_voxels:,}; use a spacing of about '
@@ -225,12 +230,13 @@ def reconstruct(frames, global_transforms, pixel_to_image, spacing=0.5, *, metho
     (pixel counts for 'pnn') and the grid.
   """
   if method not in METHODS:
-    raise ValueError(f'dualtrack_jax.volume: method must be one of {METHODS}, got {method!r}')
+    raise errors.InputError(
+        f'dualtrack_jax.volume: method must be one of {METHODS}, got {method!r}')
   g, p = _checked_transforms(global_transforms, pixel_to_image)
   shape = tuple(getattr(frames, 'shape', ()))
   if len(shape) != 3 or shape[0] != len(g):
-    raise ValueError(f'dualtrack_jax.volume: frames must be (N, H, W) with N = {len(g)} '
-                     f'transforms, got shape {shape}')
+    raise errors.InputError(f'dualtrack_jax.volume: frames must be (N, H, W) with N = {len(g)} '
+                            f'transforms, got shape {shape}')
   n, h, w = shape
   if grid is None:
     grid = bounding_grid(g, p, (h, w), spacing, max_voxels=max_voxels)
@@ -260,9 +266,11 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, grid: Grid, *,
   path = os.fspath(path)
   array = np.asarray(array)
   if array.dtype not in _NIFTI_DTYPES:
-    raise ValueError(f'{path}: NIfTI writer takes uint8 or float32 volumes, got {array.dtype}')
+    raise errors.InputError(
+        f'{path}: NIfTI writer takes uint8 or float32 volumes, got {array.dtype}')
   if array.shape != grid.shape:
-    raise ValueError(f'{path}: volume shape {array.shape} differs from the grid {grid.shape}')
+    raise errors.InputError(
+        f'{path}: volume shape {array.shape} differs from the grid {grid.shape}')
   image = nibabel.Nifti1Image(array, affine=None)
   image.set_qform(grid.affine, code='scanner')
   image.set_sform(grid.affine, code='scanner')

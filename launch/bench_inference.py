@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from launch import models
+from ultrasound_common import errors
 
 DTYPES = ('float32', 'bfloat16')  # What --dtype may name; every model package takes both.
 
@@ -67,7 +68,7 @@ class Options:
   def __post_init__(self):
     unknown = sorted(set(self.dtypes) - set(DTYPES))
     if unknown:
-      raise ValueError(f'--dtype: unknown {unknown}; known: {list(DTYPES)}')
+      raise errors.InputError(f'--dtype: unknown {unknown}; known: {list(DTYPES)}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +188,8 @@ def relative_difference(ours: np.ndarray, reference: np.ndarray) -> float:
   """||ours - reference||_2 / ||reference||_2 in float64."""
   ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
   if ours.shape != reference.shape:
-    raise ValueError(f'relative_difference: shapes differ, {ours.shape} vs {reference.shape}')
+    raise errors.InputError(
+        f'relative_difference: shapes differ, {ours.shape} vs {reference.shape}')
   return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
 
 

@@ -8,10 +8,10 @@ launch/models.py):
              batch is fed every step, so data loading is not counted.
   inference  a model's inference (--model, a name of a package's INFERENCE_BENCHMARKS; what is
              timed and how memory and FLOP are measured is in launch/bench_inference.py) for
-             each of --frames and --dtype: compile time, warm latency median and p90 over --steps calls, frames/s,
-             peak memory, achieved FLOP/s; with --original=PATH also the original PyTorch model
-             (same weights, same input; outputs compared first) in this process, eager and with
-             --torch_compile, and the ratios. Needs torch importable only with --original.
+             each of --frames and --dtype: compile time, warm latency median and p90 over
+             --steps calls, frames/s, peak memory, achieved FLOP/s; with --original=PATH also
+             the original PyTorch model (same weights, same input; outputs compared first) in
+             this process, eager and with --torch_compile, and the ratios. Needs torch importable only with --original.
   simulator  DualTrack: frames per second of the sweep simulator, default and TUS-REC-sized frames.
   pipeline   DualTrack: windows per second of the local-window Grain pipeline, 0 and 2 workers.
 
@@ -40,11 +40,13 @@ from ml_collections import config_flags
 
 from launch import bench_inference
 from launch import experiment as experiment_lib
+from launch import metric_writer
 from launch import models
 from launch import optim
 from launch import sharding
 from launch import trainer
 from launch import xla_flags
+from ultrasound_common import errors
 
 FLAGS = flags.FLAGS
 
@@ -134,23 +136,21 @@ def inference_options() -> bench_inference.Options:
 def main(argv) -> None:
   del argv
   xla_flags.apply_defaults()
+  metric_writer.quiet_library_logs()
   print(_environment())
-  try:
-    if FLAGS.bench == 'inference':
-      if FLAGS.model is None:
-        raise app.UsageError('--bench=inference needs --model')
-      bench_inference.run(FLAGS.model, inference_options())
-    elif FLAGS.bench == 'train':
-      if FLAGS.config is None:
-        raise app.UsageError('--bench=train needs --config')
-      bench_train(FLAGS.config, FLAGS.steps)
-    else:
-      _, measure = models.lookup('BENCHMARKS', FLAGS.bench, '--bench')
-      measure(FLAGS.steps)
-  except models.ModelPackageError as e:
-    raise SystemExit(f'launch.benchmark: error: {e}') from e
+  if FLAGS.bench == 'inference':
+    if FLAGS.model is None:
+      raise app.UsageError('--bench=inference needs --model')
+    bench_inference.run(FLAGS.model, inference_options())
+  elif FLAGS.bench == 'train':
+    if FLAGS.config is None:
+      raise app.UsageError('--bench=train needs --config')
+    bench_train(FLAGS.config, FLAGS.steps)
+  else:
+    _, measure = models.lookup('BENCHMARKS', FLAGS.bench, '--bench')
+    measure(FLAGS.steps)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  errors.run(main, 'launch.benchmark')

@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from launch import config_utils
+from ultrasound_common import errors
 
 STATE, DATA, CONFIG = 'state', 'data', 'config'
 LATEST_DIR, BEST_DIR = 'checkpoints', 'best'
@@ -59,6 +60,43 @@ def _manager(directory: str, *, max_to_keep: int | None, create: bool, best_metr
   return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
 
 
+class CheckpointError(errors.InputError):
+  """A checkpoint cannot be read (damaged, truncated) or does not fit the run's model."""
+
+
+# What reading a damaged checkpoint raises: Orbax and TensorStore report missing or cut files as
+# ValueError (JSONDecodeError included) or OSError.
+_DAMAGE = (ValueError, OSError)
+
+
+def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{'/'-joined path: (shape, dtype name)} of a tree of arrays or array metadata."""
+  return {path: (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+          for path, leaf in _leaves(tree).items()}
+
+
+def check_same_model(saved, wanted, where: str, config_changes: list[str]) -> None:
+  """Refuses a checkpoint whose variables' shapes differ from the model's, before restoring.
+
+  Args:
+    saved: the checkpoint's variables metadata (shapes and dtypes).
+    wanted: the model's abstract variables.
+    where: the checkpoint folder, for the message.
+    config_changes: `config_utils.diff` lines between the saved config and this run's.
+  """
+  saved, wanted = _shapes(saved), _shapes(wanted)
+  differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+  if not differ:
+    return
+  shown = ', '.join(f'{k} {saved.get(k, ("absent",))[0]} -> {wanted.get(k, ("absent",))[0]}'
+                    for k in differ[:5])
+  keys = '; '.join(config_changes[:5]) or 'none'
+  raise CheckpointError(
+      f'{where}: the checkpoint holds another model ({len(differ)} variables differ: {shown}); '
+      f'config keys that changed since it was saved: {keys}. Resume with the saved config, or '
+      'start a new run in another --workdir')
+
+
 class RunCheckpoints:
   """Training checkpoints (`checkpoints/`) and best variables (`best/`) of one workdir."""
 
@@ -81,6 +119,57 @@ class RunCheckpoints:
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.latest.directory, str(step))
+
+  def resume(self, abstract_state, data_iterator, config: Mapping[str, Any]):
+    """Restores the newest readable training checkpoint; (step, state), or (None, None).
+
+    A checkpoint that cannot be read (truncated, damaged) is moved aside to
+    `<step>.damaged-<n>` with a warning naming it, and the previous one is tried: a crash that
+    damaged the newest checkpoint costs the steps since the one before, not the run. A checkpoint
+    of another model (different variable shapes) is refused before anything is restored.
+
+    Args:
+      abstract_state: as for `restore`.
+      data_iterator: as for `restore`.
+      config: this run's config (JSON dict), to name the keys that changed.
+    """
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      where = self.step_dir(step)
+      try:
+        saved_config = self.config(step)
+        metadata = self.latest.item_metadata(step)[STATE]
+      except _DAMAGE as e:
+        self._move_aside(step, e)
+        continue
+      changes = config_utils.diff(saved_config, config)
+      check_same_model(metadata['variables'], abstract_state['variables'], where, changes)
+      if changes:
+        logging.warning('The config differs from the one saved at step %d:\n  %s', step,
+                        '\n  '.join(changes))
+      try:
+        return step, self.restore(step, abstract_state, data_iterator)
+      except errors.Error:
+        raise
+      except _DAMAGE as e:
+        self._move_aside(step, e)
+    return None, None
+
+  def _move_aside(self, step: int, error: Exception) -> None:
+    where = self.step_dir(step)
+    aside = f'{where}.damaged'
+    n = 0
+    while os.path.exists(f'{aside}-{n}'):
+      n += 1
+    if jax.process_index() == 0:
+      os.rename(where, f'{aside}-{n}')
+    multihost_utils.sync_global_devices(f'checkpoint {step} moved aside')
+    self.latest.reload()
+    logging.warning('Checkpoint %s cannot be read (%s: %s); moved it to %s-%d and trying the '
+                    'previous one.', where, type(error).__name__, str(error).split('\n')[0][:200],
+                    aside, n)
 
   def save(self, step: int, state, data_iterator, config: Mapping[str, Any]) -> None:
     """Starts an async save of the train state, the data iterator position and the config."""
@@ -106,7 +195,7 @@ class RunCheckpoints:
     except ValueError as e:
       data_dir = os.path.join(self.latest.directory, str(step), DATA)
       if 'does not exist' in str(e) and os.path.isdir(data_dir):
-        raise ValueError(
+        raise errors.InputError(
             f'{data_dir}: no data-iterator state for process {jax.process_index()} of '
             f'{jax.process_count()} (found {sorted(os.listdir(data_dir))}); resume with the same '
             'number of processes') from e
@@ -175,8 +264,8 @@ def find_checkpoint(workdir: str | None, checkpoint: str) -> tuple[str, int]:
     path = os.path.abspath(os.path.normpath(checkpoint))
     return os.path.dirname(path), int(os.path.basename(path))
   if workdir is None:
-    raise ValueError(f'--checkpoint={checkpoint} is not a checkpoint step directory and no '
-                     '--workdir was given')
+    raise errors.InputError(f'--checkpoint={checkpoint} is not a checkpoint step directory and no '
+                            '--workdir was given')
   latest_dir = os.path.join(os.path.abspath(workdir), LATEST_DIR)
   best_dir = os.path.join(os.path.abspath(workdir), BEST_DIR)
   if checkpoint == 'best' and os.path.isdir(best_dir):
@@ -187,17 +276,18 @@ def find_checkpoint(workdir: str | None, checkpoint: str) -> tuple[str, int]:
     step = (_manager(latest_dir, max_to_keep=None, create=False).latest_step()
             if os.path.isdir(latest_dir) else None)
     if step is None:
-      raise FileNotFoundError(f'{workdir}: no checkpoint found (looked in {latest_dir} and '
-                              f'{best_dir})')
+      raise errors.MissingFileError(f'{workdir}: no checkpoint found (looked in {latest_dir} and '
+                                    f'{best_dir})')
     if checkpoint == 'best':
       logging.warning('%s has no best checkpoint yet; using the latest, step %d.', workdir, step)
     return latest_dir, step
   if checkpoint.isdigit():
     if not os.path.isdir(os.path.join(latest_dir, checkpoint)):
-      raise FileNotFoundError(f'{latest_dir}: no checkpoint for step {checkpoint}')
+      raise errors.MissingFileError(f'{latest_dir}: no checkpoint for step {checkpoint}')
     return latest_dir, int(checkpoint)
-  raise ValueError(f"--checkpoint must be 'best', 'latest', a step number or a step directory; "
-                   f'got {checkpoint!r}')
+  raise errors.InputError(
+      f"--checkpoint must be 'best', 'latest', a step number or a step directory; "
+      f'got {checkpoint!r}')
 
 
 def save_variables(directory: str, step: int, variables, config: Mapping[str, Any]) -> None:
@@ -222,15 +312,22 @@ def restore_variables(directory: str, step: int, sharding: jax.sharding.Sharding
       device layout does not matter.
   """
   manager = _manager(directory, max_to_keep=None, create=False)
-  metadata = manager.item_metadata(step)[STATE]
-  target = {'variables': jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-      metadata['variables'])}
-  restored = manager.restore(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True),
-      CONFIG: ocp.args.JsonRestore()}))
+  try:
+    metadata = manager.item_metadata(step)[STATE]
+    target = {'variables': jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+        metadata['variables'])}
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True),
+        CONFIG: ocp.args.JsonRestore()}))
+  except _DAMAGE as e:
+    raise CheckpointError(f'{os.path.join(directory, str(step))}: cannot read the checkpoint '
+                          f'(damaged or truncated?): {type(e).__name__}: '
+                          f'{str(e).splitlines()[0] if str(e) else ""}') from e
+  finally:
+    manager.close()
   return restored[STATE]['variables'], restored[CONFIG]
 
 
@@ -262,7 +359,8 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   return tree
 
 
-def map_variables(source, target, mapping, *, reinit=(), origin: str = 'init_from'):
+def map_variables(source, target, mapping, *, reinit=(), collections=None,
+                  origin: str = 'init_from'):
   """`target` variables with subtrees replaced by those of `source` (strict), as a new dict.
 
   Args:
@@ -272,6 +370,8 @@ def map_variables(source, target, mapping, *, reinit=(), origin: str = 'init_fro
       ('' = the whole collection), e.g. ('backbone', 'cnn'): stage 1's CNN as stage 2's.
     reinit: target paths (subtrees) that keep their fresh initialisation although the source
       has them (the 2025 finetuning's enlarged position tables; their shapes may differ).
+    collections: {target collection: source collection} where they differ, e.g.
+      {'params': 'target'}: an I-JEPA run's target encoder (a non-param collection) as params.
     origin: what to name in error messages (the source checkpoint).
 
   Every source leaf under a mapped source path must land on a target leaf of the same shape and
@@ -283,27 +383,30 @@ def map_variables(source, target, mapping, *, reinit=(), origin: str = 'init_fro
   src = _leaves(source)
   for r in reinit:
     if not any(_under(p.split('/', 1)[1], r) for p in tgt if '/' in p):
-      raise ValueError(f'{origin}: reinit path {r!r} is not in the model')
+      raise errors.InputError(f'{origin}: reinit path {r!r} is not in the model')
   out = dict(tgt)
   for collection in sorted({p.split('/')[0] for p in tgt}):
     for source_path, target_path in mapping:
-      src_prefix = '/'.join(p for p in (collection, source_path) if p)
+      src_prefix = '/'.join(p for p in ((collections or {}).get(collection, collection),
+                                        source_path) if p)
       tgt_prefix = '/'.join(p for p in (collection, target_path) if p)
       picked = {p: v for p, v in src.items() if _under(p, src_prefix)}
       if not picked and collection == 'params':
-        raise ValueError(f'{origin}: no parameters under {src_prefix!r} in the source checkpoint '
-                         f'(it has {sorted({p.split("/")[1] for p in src if "/" in p})})')
+        raise errors.InputError(
+            f'{origin}: no parameters under {src_prefix!r} in the source checkpoint '
+            f'(it has {sorted({p.split("/")[1] for p in src if "/" in p})})')
       for path, value in picked.items():
         dest = _rebase(path, src_prefix, tgt_prefix)
         if any(_under(dest.split('/', 1)[1], r) for r in reinit):
           continue
         if dest not in tgt:
-          raise ValueError(f'{origin}: source {path} maps to {dest}, which the model does not '
-                           'have (check the init_from map and the model config)')
+          raise errors.InputError(
+              f'{origin}: source {path} maps to {dest}, which the model does not '
+              'have (check the init_from map and the model config)')
         if tuple(np.shape(value)) != tuple(np.shape(tgt[dest])):
-          raise ValueError(f'{origin}: source {path} has shape {tuple(np.shape(value))} but '
-                           f'{dest} has {tuple(np.shape(tgt[dest]))}; list it in '
-                           'init_from.<source>.reinit to start it afresh')
+          raise errors.InputError(f'{origin}: source {path} has shape {tuple(np.shape(value))} but '
+                                  f'{dest} has {tuple(np.shape(tgt[dest]))}; list it in '
+                                  'init_from.<source>.reinit to start it afresh')
         out[dest] = jax.numpy.asarray(value, dtype=tgt[dest].dtype)
   return _unflatten(out)
 
@@ -313,7 +416,8 @@ def init_from_config(init_from: Mapping[str, Any], variables, sharding: jax.shar
 
   `init_from` maps a source name to {'workdir': run folder or step directory, 'checkpoint':
   'best' | 'latest' | step, 'map': [(source path, target path), ...], 'reinit': [target
-  paths]}; the sources apply in name order.
+  paths], 'collections': {target collection: source collection}}; the sources apply in name
+  order.
   """
   for name in sorted(init_from):
     spec = init_from[name]
@@ -329,6 +433,7 @@ def init_from_config(init_from: Mapping[str, Any], variables, sharding: jax.shar
     variables = map_variables(
         source, variables, [tuple(m) for m in spec.get('map', [('', '')])],
         reinit=tuple(spec.get('reinit', ()) or ()),
+        collections=dict(spec.get('collections', None) or {}),
         origin=f'{origin} ({directory}/{step})')
     logging.info('Initialised %s from %s/%d.', [tuple(m) for m in spec.get('map', [])],
                  directory, step)

@@ -3,15 +3,41 @@ from collections.abc import Mapping, Sequence
 import difflib
 import importlib.util
 import json
-import sys
+import os
 from typing import Any
 
-from absl import app
+from absl import flags
 import ml_collections
 
+from ultrasound_common import errors
 
-class ConfigError(ValueError):
+
+class ConfigError(errors.InputError):
   """A config value is missing or invalid; the message names the key."""
+
+
+def runtime_keys() -> ml_collections.ConfigDict:
+  """The trainer's optional keys (documented in launch/train.py) with their defaults; unset ones
+  are typed placeholders, so that every one can be given as `--config.<key>=...`."""
+  placeholder = ml_collections.config_dict.placeholder
+  return ml_collections.ConfigDict(dict(
+      total_steps=placeholder(int), warmup_epochs=0.0, eval_every_steps=placeholder(int),
+      eval_every_epochs=placeholder(float), log_every_steps=50, checkpoint_every_steps=1000,
+      keep_checkpoints=3, best_metric='', best_mode='min', init_from=ml_collections.ConfigDict(),
+      frozen=(), fsdp=False, fsdp_min_size_mb=4.0, num_workers=0, num_eval_figures=4,
+      distributed=ml_collections.ConfigDict(dict(
+          coordinator_address=placeholder(str), num_processes=placeholder(int),
+          process_id=placeholder(int)))))
+
+
+def with_runtime_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the runtime keys it lacks added (`runtime_keys`); a config file's get_config
+  ends with it, and the trainer applies it to any config it is given."""
+  for key, value in runtime_keys().items():
+    if key not in config:
+      with config.unlocked():
+        config[key] = value
+  return config
 
 
 def require(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -63,14 +89,33 @@ def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads 'path/to/config.py[:arg]' the way `config_flags.DEFINE_config_file` does."""
+  """Loads 'path/to/config.py[:arg]' the way `config_flags.DEFINE_config_file` does.
+
+  Raises:
+    ConfigError: the file is missing, is not Python, has no `get_config`, or its `get_config`
+      refuses the argument (e.g. an unknown variant); the message names the file.
+  """
   path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ConfigError(f'{spec}: no such config file {path}')
   module_spec = importlib.util.spec_from_file_location('_config_under_check', path)
   if module_spec is None or module_spec.loader is None:
-    raise ConfigError(f'{path}: cannot load the config file')
+    raise ConfigError(f'{path}: cannot load the config file (not a .py file?)')
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'{path}:{e.lineno}: not a valid Python config file: {e.msg}') from e
+  if not callable(getattr(module, 'get_config', None)):
+    raise ConfigError(f'{path}: a config file defines get_config(arg=None) returning a '
+                      'ConfigDict; this one does not')
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except (ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f'{spec}: {e}') from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'{path}: get_config returned {type(config).__name__}, not a ConfigDict')
+  return config
 
 
 def _override_keys(argv: Sequence[str], flag_name: str) -> list[tuple[str, str]]:
@@ -123,25 +168,26 @@ def _config_spec(argv: Sequence[str], flag_name: str) -> str | None:
 
 
 def make_flags_parser(config_flag_name: str = 'config'):
-  """An absl `flags_parser` that turns unknown `--config.x` keys into a clear one-line error.
+  """An absl `flags_parser` that turns config-file problems into clear one-line errors.
 
-  `ml_collections.config_flags` raises a bare AttributeError/KeyError ("'x'") from deep inside
-  flag parsing; this parser loads the config file again, names the key, lists close matches and
-  the valid keys at that level, and exits with status 1 like absl does for other flag errors.
+  The config file is loaded first (`load_config_file`: a missing file, a syntax error, no
+  get_config, a refused variant). `ml_collections.config_flags` raises a bare AttributeError /
+  KeyError ("'x'") from deep inside flag parsing for an unknown `--config.x`; this parser names
+  the key, lists close matches and the valid keys at that level. Both raise ConfigError, which
+  `ultrasound_common.errors.run` reports as one line.
   """
 
   def parse(argv: list[str]) -> list[str]:
+    spec = _config_spec(argv, config_flag_name)
+    config = None if spec is None else load_config_file(spec)
     try:
-      return app.parse_flags_with_usage(argv)
+      return flags.FLAGS(argv)
     except (AttributeError, KeyError):
-      spec = _config_spec(argv, config_flag_name)
-      message = None
-      if spec is not None:
-        message = unknown_override_message(load_config_file(spec), argv, config_flag_name)
+      message = None if config is None else unknown_override_message(config, argv,
+                                                                     config_flag_name)
       if message is None:
         raise
-      sys.stderr.write(f'FATAL Flags parsing error: {message}\n')
-      sys.exit(1)
+      raise ConfigError(message) from None
 
   return parse
 

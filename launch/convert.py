@@ -37,7 +37,6 @@ nothing, and an existing `--to` is never overwritten.
 """
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any
 
@@ -54,11 +53,12 @@ from launch import metric_writer
 from launch import models
 from launch import torch_io
 from launch import xla_flags
+from ultrasound_common import errors
 
 
 def _check_new(path: str) -> None:
   if os.path.lexists(path):
-    raise FileExistsError(f'{path} exists; conversions never overwrite, choose a new --to')
+    raise errors.ExistsError(f'{path} exists; conversions never overwrite, choose a new --to')
 
 
 def _write_run(variables, config: dict[str, Any], out: str) -> None:
@@ -134,21 +134,18 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   source = f['from'].value
   metric_writer.quiet_library_logs()
-  try:
-    if f.direction == 'from_torch':
-      if f.model is None:
-        raise app.UsageError('--model is required with --direction=from_torch')
-      convert_from_torch(source, f.to, f.model, allow_reinit=f.allow_reinit, seed=f.seed,
-                         variant=f.variant)
-    else:
-      if f.model or f.allow_reinit:
-        raise app.UsageError('--model and --allow_reinit apply to --direction=from_torch only '
-                             '(to_torch reads the model from the checkpoint config)')
-      convert_to_torch(source, f.to)
-  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-    sys.exit(f'ERROR: {e}')
+  if f.direction == 'from_torch':
+    if f.model is None:
+      raise app.UsageError('--model is required with --direction=from_torch')
+    convert_from_torch(source, f.to, f.model, allow_reinit=f.allow_reinit, seed=f.seed,
+                       variant=f.variant)
+  else:
+    if f.model or f.allow_reinit:
+      raise app.UsageError('--model and --allow_reinit apply to --direction=from_torch only '
+                           '(to_torch reads the model from the checkpoint config)')
+    convert_to_torch(source, f.to)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  errors.run(main, 'launch.convert')

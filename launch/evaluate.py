@@ -9,6 +9,12 @@ true trajectory; `<name>.png` with '/' -> '_').
 checkpoint), 'latest', a step number of `DIR/checkpoints`, or the path of a step directory
 (`.../checkpoints/1200`, `.../best/900`; then --workdir is not needed).
 --out: default `<workdir>/eval/<checkpoints|best>_<step>`.
+Several runs side by side: `--workdir=A --workdir=B ...` evaluates each (as above, into each run's
+own eval folder) and prints one table, a column per run and a row per metric, writes it as
+`comparison.json` and `comparison.md` into --out (default `<common parent>/comparison`), with the
+figures the runs' model package draws to compare them (DualTrack: per sweep, the true trajectory
+and one line per run). Runs are named by their folder (`--name` gives other names, in order).
+
 --set KEY=VALUE (repeatable): changes a key of the run's saved config for this evaluation, e.g.
   --set=data.dataset=tus-rec (another dataset's validation split) or --set=plot_outline_every=10
   (DualTrack: frame outlines every 10 frames in the trajectory plots). VALUE is a Python literal
@@ -28,9 +34,11 @@ from launch import checkpointing
 from launch import config_utils
 from launch import experiment as experiment_lib
 from launch import metric_writer
+from launch import models
 from launch import plots
 from launch import sharding
 from launch import xla_flags
+from ultrasound_common import errors
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
@@ -56,13 +64,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
       raise config_utils.ConfigError(f'--set={item}: {e}') from e
 
 
-def evaluate_checkpoint(workdir: str | None, checkpoint: str = 'best', out: str | None = None,
-                        overrides: list[str] = ()) -> dict[str, Any]:
-  """Evaluates one checkpoint and writes metrics.json and the figures into `out`.
-
-  Returns:
-    The content of metrics.json: {'checkpoint', 'step', 'metrics'}.
-  """
+def _evaluate(workdir: str | None, checkpoint: str, overrides) -> tuple[Any, dict[str, Any]]:
+  """The experiment's own evaluation result, and {'config', 'directory', 'step'} of the run."""
   directory, step = checkpointing.find_checkpoint(workdir, checkpoint)
   mesh = sharding.make_mesh()
   with jax.set_mesh(mesh):
@@ -71,26 +74,90 @@ def evaluate_checkpoint(workdir: str | None, checkpoint: str = 'best', out: str 
     config = config_utils.from_json_dict(config_json)
     apply_overrides(config, list(overrides))
     experiment = experiment_lib.load_experiment(config)
-    result = experiment_lib.check_eval_result(experiment.evaluate(variables))
+    result = experiment.evaluate(variables)
+  return result, {'config': config, 'directory': directory, 'step': step}
+
+
+def _write(out: str, summary: dict[str, Any], figures, name: str) -> None:
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, name), 'w') as f:
+    json.dump(summary, f, indent=2, sort_keys=True)
+  for figure_name, figure in figures.items():
+    plots.save_png(figure, os.path.join(out, f'{plots.safe_filename(figure_name)}.png'))
+
+
+def evaluate_checkpoint(workdir: str | None, checkpoint: str = 'best', out: str | None = None,
+                        overrides: list[str] = (), *, raw: list | None = None) -> dict[str, Any]:
+  """Evaluates one checkpoint and writes metrics.json and the figures into `out`.
+
+  Returns:
+    The content of metrics.json: {'checkpoint', 'step', 'metrics'} (and 'overrides'). With
+    `raw`, the experiment's own result is appended to it (for `compare_runs`).
+  """
+  result, where = _evaluate(workdir, checkpoint, overrides)
+  checked = experiment_lib.check_eval_result(result)
+  directory, step = where['directory'], where['step']
   checkpoint_dir = os.path.join(directory, str(step))
   out = out or os.path.join(os.path.dirname(directory), 'eval',
                             f'{os.path.basename(directory)}_{step}')
-  os.makedirs(out, exist_ok=True)
-  summary = {'checkpoint': checkpoint_dir, 'step': step, 'metrics': result.metrics}
+  summary = {'checkpoint': checkpoint_dir, 'step': step, 'metrics': checked.metrics}
   if overrides:
     summary['overrides'] = list(overrides)
-  with open(os.path.join(out, 'metrics.json'), 'w') as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
-  for name, figure in result.figures.items():
-    plots.save_png(figure, os.path.join(out, f'{plots.safe_filename(name)}.png'))
-  print(f'{checkpoint_dir} (step {step})\n{metric_writer.format_table(result.metrics)}\n'
-        f'Wrote {os.path.join(out, "metrics.json")} and {len(result.figures)} figure(s).')
+  _write(out, summary, checked.figures, 'metrics.json')
+  print(f'{checkpoint_dir} (step {step})\n{metric_writer.format_table(checked.metrics)}\n'
+        f'Wrote {os.path.join(out, "metrics.json")} and {len(checked.figures)} figure(s).\n')
+  if raw is not None:
+    raw.append((result, where['config']))
   return summary
+
+
+def comparison_table(metrics: dict[str, dict[str, float]]) -> str:
+  """A Markdown table: a row per metric (every run's union, sorted), a column per run."""
+  names = list(metrics)
+  rows = sorted(set().union(*(m.keys() for m in metrics.values())))
+  lines = ['| metric | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
+  for row in rows:
+    values = [f'{metrics[n][row]:.4g}' if row in metrics[n] else '-' for n in names]
+    lines.append(f'| {row} | ' + ' | '.join(values) + ' |')
+  return '\n'.join(lines)
+
+
+def compare_runs(workdirs: list[str], checkpoint: str = 'best', out: str | None = None,
+                 overrides: list[str] = (), names: list[str] = ()) -> dict[str, Any]:
+  """Evaluates several runs (each as `evaluate_checkpoint`) and puts them side by side in `out`.
+
+  Returns:
+    The content of comparison.json: {'runs': {name: metrics.json content}}.
+  """
+  names = list(names) or [os.path.basename(os.path.normpath(w)) for w in workdirs]
+  if len(names) != len(workdirs) or len(set(names)) != len(names):
+    raise config_utils.ConfigError(
+        f'--name: give one distinct name per --workdir ({len(workdirs)}), got {names}; runs in '
+        'folders of the same name need --name')
+  raw, summaries = [], {}
+  for name, workdir in zip(names, workdirs):
+    summaries[name] = evaluate_checkpoint(workdir, checkpoint, overrides=overrides, raw=raw)
+  out = out or os.path.join(os.path.commonpath([os.path.abspath(w) for w in workdirs]),
+                            'comparison')
+  packages = {models.for_experiment(config.experiment) for _, config in raw}
+  figures = {}
+  if len(packages) == 1 and hasattr(next(iter(packages)), 'compare_figures'):
+    figures = next(iter(packages)).compare_figures(
+        {name: result for name, (result, _) in zip(names, raw)})
+  table = comparison_table({name: s['metrics'] for name, s in summaries.items()})
+  _write(out, {'runs': summaries}, figures, 'comparison.json')
+  with open(os.path.join(out, 'comparison.md'), 'w') as f:
+    f.write(table + '\n')
+  print(f'{table}\nWrote {os.path.join(out, "comparison.json")}, comparison.md and '
+        f'{len(figures)} figure(s).')
+  return {'runs': summaries}
 
 
 def define_flags() -> None:
   """Registers the command-line flags (only when run as a program, so importing is side-free)."""
-  flags.DEFINE_string('workdir', None, 'Run folder (holds checkpoints/ and best/).')
+  flags.DEFINE_multi_string('workdir', None, 'Run folder (holds checkpoints/ and best/); '
+                            'repeat it to compare runs.')
+  flags.DEFINE_multi_string('name', [], 'With several --workdir: the runs\' names, in order.')
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest', a step number or a step directory.")
   flags.DEFINE_string('out', None, 'Output folder for metrics.json and the figures.')
   flags.DEFINE_multi_string('set', [], 'KEY=VALUE: change a key of the saved config (repeatable).')
@@ -104,16 +171,17 @@ def main(argv: list[str]) -> None:
   if f.outline_every is not None:
     raise app.UsageError('--outline_every was renamed: frame outlines are a setting of the '
                          'DualTrack configs now, --set=plot_outline_every=N')
-  if f.workdir is None and not os.path.isdir(f.checkpoint):
+  workdirs = f.workdir or []
+  if not workdirs and not os.path.isdir(f.checkpoint):
     raise app.UsageError('--workdir is required unless --checkpoint is a step directory')
   xla_flags.apply_defaults()
   metric_writer.quiet_library_logs()
-  try:
-    evaluate_checkpoint(f.workdir, f.checkpoint, f.out, f.set)
-  except config_utils.ConfigError as e:
-    raise SystemExit(f'launch.evaluate: error: {e}') from e
+  if len(workdirs) > 1:
+    compare_runs(workdirs, f.checkpoint, f.out, f.set, f.name)
+  else:
+    evaluate_checkpoint(workdirs[0] if workdirs else None, f.checkpoint, f.out, f.set)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  errors.run(main, 'launch.evaluate')

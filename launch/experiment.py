@@ -18,6 +18,7 @@ import numpy as np
 
 from launch import checkpointing
 from launch import config_utils
+from ultrasound_common import errors
 
 
 @dataclasses.dataclass
@@ -118,8 +119,9 @@ def check_eval_result(result: Any, source: str = 'Experiment.evaluate') -> EvalR
   for name, figure in figures.items():
     if isinstance(figure, np.ndarray) and (figure.ndim != 3 or figure.shape[-1] != 3
                                            or figure.dtype != np.uint8):
-      raise ValueError(f'{source}: figures[{name!r}] is an array of shape {figure.shape} and '
-                       f'dtype {figure.dtype}; expected (H, W, 3) uint8 or a matplotlib Figure')
+      raise errors.InputError(
+          f'{source}: figures[{name!r}] is an array of shape {figure.shape} and '
+          f'dtype {figure.dtype}; expected (H, W, 3) uint8 or a matplotlib Figure')
   return EvalResult(metrics=metrics, figures=figures)
 
 
@@ -144,7 +146,7 @@ def restore_run(checkpoint: str) -> Run:
   run was saved with. The experiment is built with load_data=False.
   """
   if not os.path.isdir(checkpoint):
-    raise FileNotFoundError(f'--checkpoint={checkpoint}: no such folder')
+    raise errors.MissingFileError(f'--checkpoint={checkpoint}: no such folder')
   step_dir = os.path.basename(os.path.normpath(checkpoint)).isdigit()
   directory, step = checkpointing.find_checkpoint(None if step_dir else checkpoint,
                                                   checkpoint if step_dir else 'best')

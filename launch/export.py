@@ -80,7 +80,6 @@ import operator
 import os
 import re
 import shutil
-import sys
 from typing import Any
 import uuid
 
@@ -96,6 +95,7 @@ from launch import checkpointing
 from launch import experiment as experiment_lib
 from launch import metric_writer
 from launch import xla_flags
+from ultrasound_common import errors
 
 FORMAT = 'ultrasound_jax.export'
 FORMAT_VERSION = 1
@@ -110,7 +110,7 @@ _INPUT_KEYS = ('name', 'shape', 'dtype', 'description')
 _DIMENSION = re.compile(r'[A-Za-z_][A-Za-z0-9_]*')
 
 
-class ExportError(ValueError):
+class ExportError(errors.InputError):
   """A bad export request or artifact: the message names the file, option or input."""
 
 
@@ -350,7 +350,7 @@ def _evaluate(node: ast.AST, values: Mapping[str, int]) -> int | bool:
   if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
       and node.func.id in _CALLS and not node.keywords):
     return _CALLS[node.func.id](*(_evaluate(a, values) for a in node.args))
-  raise ValueError(f'unsupported expression {ast.dump(node)}')
+  raise errors.InputError(f'unsupported expression {ast.dump(node)}')
 
 
 class Model:
@@ -530,13 +530,8 @@ def main(argv: list[str]) -> None:
   xla_flags.apply_defaults()
   metric_writer.quiet_library_logs()
   f = flags.FLAGS
-  try:
-    manifest = export_checkpoint(f.workdir, f.checkpoint, f.out, dtype=f.dtype,
-                                 platforms=f.platforms, options=parse_options(f.option))
-  except (FileNotFoundError, ValueError) as e:
-    # Bad input (a missing run, a bad option, an existing --out; ConfigError and ExportError are
-    # ValueErrors): the message names it, a traceback would only hide it.
-    sys.exit(f'launch.export: error: {e}')
+  manifest = export_checkpoint(f.workdir, f.checkpoint, f.out, dtype=f.dtype,
+                               platforms=f.platforms, options=parse_options(f.option))
   inputs = ', '.join(f"{i['name']} ({', '.join(map(str, i['shape']))}) {i['dtype']}"
                      for i in manifest['inputs'])
   outputs = ', '.join(f"{o['name']} ({', '.join(map(str, o['shape']))})"
@@ -549,4 +544,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  errors.run(main, 'launch.export')

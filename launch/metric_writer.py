@@ -2,10 +2,19 @@
 from collections.abc import Mapping
 import logging as std_logging
 import os
+import re
 import time
 
 from absl import logging
 import numpy as np
+
+_ILLEGAL_TAG_CHARACTERS = re.compile(r'[^-/\w\.]')
+
+
+def tag(name: str) -> str:
+  """A TensorBoard tag for a metric or figure name: characters TensorBoard does not allow in
+  names (e.g. the '@' of 'sdr@10px') become '_', as tensorboardX would do with a warning."""
+  return _ILLEGAL_TAG_CHARACTERS.sub('_', name).lstrip('/')
 
 
 class MetricWriter:
@@ -21,17 +30,17 @@ class MetricWriter:
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if self._writer is not None:
       for name, value in values.items():
-        self._writer.add_scalar(name, float(value), global_step=step)
+        self._writer.add_scalar(tag(name), float(value), global_step=step)
 
   def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """Each image is (H, W, 3) uint8."""
     if self._writer is not None:
       for name, image in images.items():
-        self._writer.add_image(name, image, global_step=step, dataformats='HWC')
+        self._writer.add_image(tag(name), image, global_step=step, dataformats='HWC')
 
   def text(self, step: int, name: str, text: str) -> None:
     if self._writer is not None:
-      self._writer.add_text(name, text, global_step=step)
+      self._writer.add_text(tag(name), text, global_step=step)
 
   def flush(self) -> None:
     if self._writer is not None:
@@ -82,13 +91,23 @@ def log_train_line(step: int, total_steps: int, metrics: Mapping[str, float], ra
                metrics['loss'], others, rate, format_duration(eta))
 
 
-class _DropLibraryInfo(std_logging.Filter):
-  """Drops INFO/DEBUG records of Orbax, whose per-save chatter would bury the progress lines."""
+# Library messages that say nothing a user can act on: Orbax's notes on opening a checkpoint
+# read-only (every evaluation and prediction does), and jax's note that this machine has no TPU.
+_UNACTIONABLE = ('read_only=True, setting save_interval_steps', 'Given directory is read only',
+                 "Unable to initialize backend 'tpu'")
+
+
+class _DropLibraryChatter(std_logging.Filter):
+  """Drops Orbax's INFO/DEBUG records (per-save chatter that would bury the progress lines) and
+  the `_UNACTIONABLE` messages; Orbax's other warnings and every error stay."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+    if '/orbax/' in record.pathname and record.levelno < std_logging.WARNING:
+      return False
+    message = record.getMessage()
+    return not any(text in message for text in _UNACTIONABLE)
 
 
 def quiet_library_logs() -> None:
-  """Keeps Orbax's warnings and errors on the console but not its INFO messages."""
-  logging.get_absl_handler().addFilter(_DropLibraryInfo())
+  """Keeps library warnings and errors that matter on the console, and nothing else of theirs."""
+  logging.get_absl_handler().addFilter(_DropLibraryChatter())

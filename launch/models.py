@@ -31,6 +31,9 @@ The interface module may define any of these (a command that needs a missing one
   PREDICTION_LAYOUT: 'folders' (default) or 'files'
       'folders': each unit's folder becomes OUT/<name>, replacing an earlier one; 'files': its
       files are moved into OUT, each replaced atomically (they should start with <name>).
+  compare_figures(results) -> Mapping[str, figure]
+      `launch.evaluate` of several runs of this package: figures that put them side by side,
+      given {run name: what each run's `Experiment.evaluate` returned}.
   CONVERTERS: Mapping[str, str]
       `launch.convert --model=NAME` names this package converts from PyTorch, with a one-line
       description each.
@@ -47,7 +50,9 @@ The interface module may define any of these (a command that needs a missing one
   BENCHMARKS: Mapping[str, Callable[[int], None]]
       Other `launch.benchmark --bench=NAME` measurements, given --steps; they print their results.
 
-What the experiment of a run provides (`config.experiment`) is in launch/experiment.py.
+What the experiment of a run provides (`config.experiment`) is in launch/experiment.py. A package
+reports bad input (files, config keys, options) with the errors of `ultrasound_common.errors`, which
+every command prints as one line; any other exception is treated as a bug (traceback).
 """
 from collections.abc import Callable
 import functools
@@ -56,10 +61,12 @@ from importlib import metadata
 import types
 from typing import Any
 
+from ultrasound_common import errors
+
 GROUP = 'ultrasound_jax.models'
 
 
-class ModelPackageError(ValueError):
+class ModelPackageError(errors.InputError):
   """No registered model package provides what a command asked for."""
 
 
@@ -107,7 +114,8 @@ def lookup(attribute: str, name: str, what: str) -> tuple[types.ModuleType, Any]
   """(interface, value) of `name` in every package's `attribute`; a clear error if unknown."""
   table = named(attribute)
   if name not in table:
-    raise ModelPackageError(f'{what}={name!r}: unknown; known: {", ".join(sorted(table)) or "none"}')
+    raise ModelPackageError(
+        f'{what}={name!r}: unknown; known: {", ".join(sorted(table)) or "none"}')
   return table[name]
 
 

@@ -12,7 +12,11 @@ Schedules, stepped once per optimiser update like the original's `scheduler.step
 - 'cosine': a plain per-step `CosineAnnealingLR(T_max=total_steps)`;
 - 'linear_warmup_cosine': a linear warmup from lr / W to lr over the W warmup steps, then a cosine
   from lr to 0 over the remaining steps (the usual recipe, e.g. SONICHU's "cosine, 3-epoch warmup");
+- 'ijepa_warmup_cosine': I-JEPA's, a linear warmup from `optim.start_lr` to lr, then a cosine to
+  `optim.final_lr`, see `ijepa_warmup_cosine_schedule`;
 - 'constant'.
+`optim.final_weight_decay` ramps the weight decay from `optim.weight_decay` to it on a cosine over
+the run (I-JEPA's 0.04 -> 0.4, `cosine_weight_decay_schedule`).
 
 Frozen parameters (regexes over '/'-joined parameter paths, `re.fullmatch`) get `optax.set_to_zero`
 through `optax.multi_transform`: no update, no weight decay, no Adam moments, and they do not count
@@ -39,8 +43,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ultrasound_common import errors
+
 TRAINABLE, FROZEN, SPARSE = 'trainable', 'frozen', 'sparse'
-SCHEDULES = ('warmup_cosine', 'cosine', 'linear_warmup_cosine', 'constant')
+SCHEDULES = ('warmup_cosine', 'cosine', 'linear_warmup_cosine', 'ijepa_warmup_cosine', 'constant')
 
 
 def _cos_half_squared(steps_left, total_steps):
@@ -78,8 +84,9 @@ def warmup_cosine_schedule(base_lr: float, total_steps: int,
     An optax schedule: step count -> learning rate (float32).
   """
   if total_steps <= 0 or warmup_steps < 0:
-    raise ValueError('warmup_cosine_schedule: need total_steps > 0 and warmup_steps >= 0, got '
-                     f'total_steps={total_steps}, warmup_steps={warmup_steps}')
+    raise errors.InputError(
+        'warmup_cosine_schedule: need total_steps > 0 and warmup_steps >= 0, got '
+        f'total_steps={total_steps}, warmup_steps={warmup_steps}')
   factor = base_lr / 1e3
 
   def schedule(count):
@@ -98,7 +105,7 @@ def warmup_cosine_schedule(base_lr: float, total_steps: int,
 def cosine_schedule(base_lr: float, total_steps: int) -> optax.Schedule:
   """torch `CosineAnnealingLR(T_max=T)` stepped per update: lr_k = base_lr (1 + cos(pi k/T)) / 2."""
   if total_steps <= 0:
-    raise ValueError(f'cosine_schedule: need total_steps > 0, got {total_steps}')
+    raise errors.InputError(f'cosine_schedule: need total_steps > 0, got {total_steps}')
 
   def schedule(count):
     k = jnp.clip(jnp.asarray(count, jnp.int32), 0, total_steps)
@@ -115,8 +122,9 @@ def linear_warmup_cosine_schedule(base_lr: float, total_steps: int,
   and the last step T - 1 is one cosine step above 0.
   """
   if total_steps <= warmup_steps or warmup_steps < 0:
-    raise ValueError('linear_warmup_cosine_schedule: need 0 <= warmup_steps < total_steps, got '
-                     f'total_steps={total_steps}, warmup_steps={warmup_steps}')
+    raise errors.InputError(
+        'linear_warmup_cosine_schedule: need 0 <= warmup_steps < total_steps, got '
+        f'total_steps={total_steps}, warmup_steps={warmup_steps}')
   decay_steps = total_steps - warmup_steps
 
   def schedule(count):
@@ -129,6 +137,41 @@ def linear_warmup_cosine_schedule(base_lr: float, total_steps: int,
   return schedule
 
 
+def ijepa_warmup_cosine_schedule(base_lr: float, total_steps: int, warmup_steps: int,
+                                 start_lr: float, final_lr: float) -> optax.Schedule:
+  """I-JEPA's `WarmupCosineSchedule` (src/utils/schedulers.py), stepped before every update.
+
+  Update k (0-based) uses s = k + 1: s < W: start_lr + (s / W) (base_lr - start_lr); else
+  final_lr + (base_lr - final_lr) (1 + cos(pi (s - W) / (T - W))) / 2, at least final_lr.
+  """
+  if total_steps <= warmup_steps or warmup_steps < 0:
+    raise errors.InputError(
+        'ijepa_warmup_cosine_schedule: need 0 <= warmup_steps < total_steps, got '
+        f'total_steps={total_steps}, warmup_steps={warmup_steps}')
+
+  def schedule(count):
+    s = jnp.asarray(count, jnp.float32) + 1.0
+    warm = start_lr + s / max(warmup_steps, 1) * (base_lr - start_lr)
+    progress = (s - warmup_steps) / (total_steps - warmup_steps)
+    cosine = final_lr + (base_lr - final_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(s < warmup_steps, warm, jnp.maximum(cosine, final_lr)).astype(jnp.float32)
+
+  return schedule
+
+
+def cosine_weight_decay_schedule(start: float, final: float, total_steps: int) -> optax.Schedule:
+  """I-JEPA's `CosineWDSchedule`: update k uses wd = final + (start - final) (1 + cos(pi (k + 1)
+  / T)) / 2, clamped at `final` (the code's cosine ramp; the paper says linear)."""
+
+  def schedule(count):
+    s = jnp.asarray(count, jnp.float32) + 1.0
+    wd = final + (start - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * s / total_steps))
+    return (jnp.minimum(wd, final) if final >= start else jnp.maximum(wd, final)
+            ).astype(jnp.float32)
+
+  return schedule
+
+
 def make_schedule(optim_config: Mapping[str, Any], *, total_steps: int,
                   warmup_steps: int) -> optax.Schedule:
   """The schedule named by `optim_config['schedule']` (default 'warmup_cosine')."""
@@ -136,14 +179,29 @@ def make_schedule(optim_config: Mapping[str, Any], *, total_steps: int,
   lr = float(optim_config['lr'])
   if name == 'warmup_cosine':
     return warmup_cosine_schedule(lr, total_steps, warmup_steps)
+  if name in ('linear_warmup_cosine', 'ijepa_warmup_cosine') and warmup_steps >= total_steps:
+    # (The original DualTrack schedule, 'warmup_cosine', warms up over the whole of a short run.)
+    raise errors.InputError(
+        f"config.optim.schedule='{name}' needs a warm-up shorter than the run: "
+        f'config.warmup_epochs gives {warmup_steps} warm-up steps, the run has {total_steps} '
+        '(config.total_steps or num_epochs); lower warmup_epochs')
   if name == 'linear_warmup_cosine':
     return linear_warmup_cosine_schedule(lr, total_steps, warmup_steps)
+  if name == 'ijepa_warmup_cosine':
+    missing = [k for k in ('start_lr', 'final_lr') if optim_config.get(k) is None]
+    if missing:
+      raise errors.InputError(f"config.optim.schedule='ijepa_warmup_cosine' needs "
+                              f"config.optim.{' and '.join(missing)}")
+    return ijepa_warmup_cosine_schedule(lr, total_steps, warmup_steps,
+                                        float(optim_config['start_lr']),
+                                        float(optim_config['final_lr']))
   if name not in SCHEDULES:
-    raise ValueError(f"config.optim.schedule: unknown schedule '{name}'; expected one of "
-                     f'{SCHEDULES}')
+    raise errors.InputError(f"config.optim.schedule: unknown schedule '{name}'; expected one of "
+                            f'{SCHEDULES}')
   if warmup_steps:
-    raise ValueError(f"config.optim.schedule='{name}' has no warmup, but warmup_epochs gives "
-                     f'{warmup_steps} warmup steps; use warmup_cosine or warmup_epochs=0')
+    raise errors.InputError(
+        f"config.optim.schedule='{name}' has no warmup, but warmup_epochs gives "
+        f'{warmup_steps} warmup steps; use warmup_cosine or warmup_epochs=0')
   if name == 'cosine':
     return cosine_schedule(lr, total_steps)
   return optax.constant_schedule(lr)
@@ -168,7 +226,7 @@ def _compile_patterns(patterns: Sequence[str], key: str) -> list[re.Pattern]:
   try:
     return [re.compile(p) for p in patterns]
   except re.error as e:
-    raise ValueError(f'config.{key}: invalid regex {e.pattern!r}: {e}') from e
+    raise errors.InputError(f'config.{key}: invalid regex {e.pattern!r}: {e}') from e
 
 
 def _paths(params) -> list[str]:
@@ -180,8 +238,8 @@ def _check_all_match(patterns: Sequence[re.Pattern], paths: Sequence[str], key: 
   for pattern in patterns:
     if not any(pattern.fullmatch(path) for path in paths):
       shown = ', '.join(paths[:20]) + (', ...' if len(paths) > 20 else '')
-      raise ValueError(f'config.{key}: pattern {pattern.pattern!r} matches no parameter; '
-                       f'parameter paths are: {shown}')
+      raise errors.InputError(f'config.{key}: pattern {pattern.pattern!r} matches no parameter; '
+                              f'parameter paths are: {shown}')
 
 
 def path_mask(params, patterns: Sequence[str], key: str, *, check: bool = True):
@@ -291,11 +349,14 @@ def make_optimizer(optim_config: Mapping[str, Any], *, total_steps: int, warmup_
     (transformation, schedule); the schedule maps the step count to the learning rate.
   """
   if 'lr' not in optim_config:
-    raise ValueError('config.optim.lr is required')
+    raise errors.InputError('config.optim.lr is required')
   schedule = make_schedule(optim_config, total_steps=total_steps, warmup_steps=warmup_steps)
   b1, b2 = float(optim_config.get('b1', 0.9)), float(optim_config.get('b2', 0.999))
   eps = float(optim_config.get('eps', 1e-8))
   weight_decay = float(optim_config.get('weight_decay', 0.0))
+  final_wd = optim_config.get('final_weight_decay', None)
+  if final_wd is not None:  # optax's adamw and add_decayed_weights take a schedule.
+    weight_decay = cosine_weight_decay_schedule(weight_decay, float(final_wd), total_steps)
   no_decay = tuple(optim_config.get('no_decay', ()) or ())
   sparse = tuple(optim_config.get('sparse_groups', ()) or ())
   frozen = tuple(frozen)

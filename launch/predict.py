@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import uuid
 
-from absl import app
 from absl import flags
 
 from launch import experiment as experiment_lib
@@ -33,6 +32,7 @@ from launch import metric_writer
 from launch import models
 from launch import plots
 from launch import xla_flags
+from ultrasound_common import errors
 
 _LAYOUTS = ('folders', 'files')
 
@@ -60,13 +60,14 @@ def publish(units: Sequence[tuple[str, Callable]], out: str, layout: str = 'fold
   temporary folder and returns (text, metrics); the text and the metrics' table are printed.
   """
   if layout not in _LAYOUTS:
-    raise ValueError(f'PREDICTION_LAYOUT must be one of {_LAYOUTS}, got {layout!r}')
+    raise errors.InputError(f'PREDICTION_LAYOUT must be one of {_LAYOUTS}, got {layout!r}')
   safe = {}
   for name, _ in units:
     key = plots.safe_filename(name)
     if key in safe:
-      raise ValueError(f'inputs {safe[key]!r} and {name!r} would both write {key!r} in {out}; '
-                       'rename one of them')
+      raise errors.InputError(
+          f'inputs {safe[key]!r} and {name!r} would both write {key!r} in {out}; '
+          'rename one of them')
     safe[key] = name
   os.makedirs(out, exist_ok=True)
   results = {}
@@ -108,7 +109,8 @@ def define_flags() -> None:
   """Registers the flags, the packages' too (only when run as a program: importing is side-free)."""
   flags.DEFINE_string('checkpoint', None, 'Run folder (best, else latest) or step folder.',
                       required=True)
-  flags.DEFINE_string('out', None, 'Output folder (default <run>/predict/<best|checkpoints>_<step>).')
+  flags.DEFINE_string('out', None,
+                      'Output folder (default <run>/predict/<best|checkpoints>_<step>).')
   for package in models.interfaces().values():
     if hasattr(package, 'define_predict_flags'):
       package.define_predict_flags()
@@ -117,14 +119,9 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
   xla_flags.apply_defaults()
   metric_writer.quiet_library_logs()
-  try:
-    predict(flags.FLAGS.checkpoint, argv[1:], flags.FLAGS.out)
-  except (FileNotFoundError, ValueError) as e:
-    # Bad input (a missing or malformed file, dataset or flag value; SweepFileError, DatasetError
-    # and ConfigError are ValueErrors): the message names it, a traceback would only hide it.
-    raise SystemExit(f'launch.predict: error: {e}') from e
+  predict(flags.FLAGS.checkpoint, argv[1:], flags.FLAGS.out)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  errors.run(main, 'launch.predict')

@@ -13,6 +13,8 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from ultrasound_common import errors
+
 DATA_AXIS = 'data'
 
 
@@ -112,8 +114,9 @@ def initialize_distributed(coordinator_address: str | None = None,
   explicit = [coordinator_address, num_processes, process_id]
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
-      raise ValueError('distributed set-up needs all of coordinator_address, num_processes and '
-                       f'process_id; got {coordinator_address=}, {num_processes=}, {process_id=}')
+      raise errors.InputError(
+          'distributed set-up needs all of coordinator_address, num_processes and '
+          f'process_id; got {coordinator_address=}, {num_processes=}, {process_id=}')
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=int(num_processes), process_id=int(process_id))
   elif (cluster := _cluster_environment()) is not None:

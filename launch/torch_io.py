@@ -40,6 +40,8 @@ from absl import logging
 import ml_dtypes
 import numpy as np
 
+from ultrasound_common import errors
+
 # The prefix `torch.compile` puts on every key; the original's `load_model_weights` strips it.
 COMPILE_PREFIX = '_orig_mod.'
 
@@ -187,11 +189,11 @@ class _TensorReader:
       try:
         raw = self._zip.read(record)
       except KeyError:
-        raise ValueError(f'{self._path}: storage record {record} is missing') from None
+        raise errors.InputError(f'{self._path}: storage record {record} is missing') from None
       size = storage.dtype.itemsize
       if len(raw) < storage.numel * size:
-        raise ValueError(f'{self._path}: {record} holds {len(raw)} bytes, less than '
-                         f'{storage.numel} elements of {storage.dtype}')
+        raise errors.InputError(f'{self._path}: {record} holds {len(raw)} bytes, less than '
+                                f'{storage.numel} elements of {storage.dtype}')
       # Read as unsigned ints of the same width in the file's byte order, then reinterpret: works
       # for every dtype, bfloat16 included (which has no non-native byte-order variant).
       words = np.frombuffer(raw, np.dtype(f'{self._order}u{size}'), count=storage.numel)
@@ -203,15 +205,17 @@ class _TensorReader:
     storage = self._storage(ref.storage)
     ints = (ref.offset, *ref.size, *ref.stride)
     if len(ref.size) != len(ref.stride) or not all(isinstance(v, int) and v >= 0 for v in ints):
-      raise ValueError(f'{self._path}: {name}: bad tensor geometry (offset {ref.offset}, size '
-                       f'{ref.size}, stride {ref.stride})')
+      raise errors.InputError(
+          f'{self._path}: {name}: bad tensor geometry (offset {ref.offset}, size '
+          f'{ref.size}, stride {ref.stride})')
     if 0 in ref.size:
       return np.empty(ref.size, storage.dtype)
     # Bounds check first: as_strided would read outside the storage.
     last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
     if last >= storage.size:
-      raise ValueError(f'{self._path}: {name}: a tensor of size {ref.size}, stride {ref.stride} at '
-                       f'offset {ref.offset} reads past its storage of {storage.size} elements')
+      raise errors.InputError(
+          f'{self._path}: {name}: a tensor of size {ref.size}, stride {ref.stride} at '
+          f'offset {ref.offset} reads past its storage of {storage.size} elements')
     view = np.lib.stride_tricks.as_strided(
         storage[ref.offset:], shape=ref.size,
         strides=[s * storage.itemsize for s in ref.stride], writeable=False)
@@ -226,29 +230,39 @@ def _describe(value: Any) -> str:
   return f'a {type(value).__name__}'
 
 
+def _check_file(path: str) -> None:
+  if not os.path.exists(path):
+    raise errors.MissingFileError(f'{path}: no such file')
+  if not os.path.isfile(path):
+    raise errors.InputError(f'{path}: a folder, not a weights file')
+
+
 @contextlib.contextmanager
 def _open(path: str) -> Iterator[tuple[Any, _TensorReader]]:
   """The unpickled object (tensors not read yet) and a reader for its tensors."""
+  _check_file(path)
   if not zipfile.is_zipfile(path):
-    raise ValueError(f'{path}: not a zip-format torch.save checkpoint. Files written by '
-                     'torch<1.6 or with _use_new_zipfile_serialization=False are not supported: '
-                     're-save with torch>=1.6: torch.save(torch.load(path), path)')
+    raise errors.InputError(
+        f'{path}: not a zip-format torch.save checkpoint. Files written by '
+        'torch<1.6 or with _use_new_zipfile_serialization=False are not supported: '
+        're-save with torch>=1.6: torch.save(torch.load(path), path)')
   with zipfile.ZipFile(path) as zf:
     names = zf.namelist()
     pickles = [n for n in names if re.fullmatch(r'[^/]+/data\.pkl', n)]
     if len(pickles) != 1:
-      raise ValueError(f'{path}: expected one <name>/data.pkl record in the zip, found {pickles}')
+      raise errors.InputError(
+          f'{path}: expected one <name>/data.pkl record in the zip, found {pickles}')
     prefix = pickles[0].split('/')[0]
     byteorder = 'little'  # torch before 2.1 wrote no byteorder record, and only little-endian.
     if f'{prefix}/byteorder' in names:
       byteorder = zf.read(f'{prefix}/byteorder').decode()
       if byteorder not in ('little', 'big'):
-        raise ValueError(f'{path}: unknown byteorder record {byteorder!r}')
+        raise errors.InputError(f'{path}: unknown byteorder record {byteorder!r}')
     with zf.open(pickles[0]) as f:
       try:
         obj = _Unpickler(f).load()
       except Exception as e:  # A malformed pickle can fail in many ways; all mean a bad file.
-        raise ValueError(f'{path}: cannot read {pickles[0]}: {e}') from e
+        raise errors.InputError(f'{path}: cannot read {pickles[0]}: {e}') from e
     yield obj, _TensorReader(path, zf, prefix, byteorder)
 
 
@@ -308,16 +322,19 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     if isinstance(obj, Mapping) and 'model' in obj:
       obj = obj['model']
     if not isinstance(obj, Mapping):
-      raise ValueError(f'{path}: expected a state dict (or a dict with a "model" state dict), '
-                       f'found {_describe(obj)}')
+      raise errors.InputError(
+          f'{path}: expected a state dict (or a dict with a "model" state dict), '
+          f'found {_describe(obj)}')
     state_dict = {}
     for key, value in obj.items():
       if not isinstance(key, str) or not isinstance(value, _TensorRef):
-        raise ValueError(f'{path}: state dict entry {key!r} is {_describe(value)}, not a tensor')
+        raise errors.InputError(
+            f'{path}: state dict entry {key!r} is {_describe(value)}, not a tensor')
       name = key.removeprefix(COMPILE_PREFIX)
       if name in state_dict:
-        raise ValueError(f'{path}: the keys {key!r} and {name!r} clash once {COMPILE_PREFIX!r} '
-                         'is removed')
+        raise errors.InputError(
+            f'{path}: the keys {key!r} and {name!r} clash once {COMPILE_PREFIX!r} '
+            'is removed')
       state_dict[name] = reader.read(value, key)
   logging.info('Read %d tensors from %s.', len(state_dict), path)
   return state_dict
@@ -334,8 +351,8 @@ def save_state_dict(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
   try:
     import torch  # pylint: disable=g-import-not-at-top  # Optional: only this function needs it.
   except ImportError:
-    raise ImportError("Writing PyTorch checkpoints needs torch: pip install "
-                      "'ultrasound-jax[convert]'") from None
+    raise errors.MissingPackageError("Writing PyTorch checkpoints needs torch: pip install "
+                                     "'ultrasound-jax[convert]'") from None
 
   def tensor(value) -> 'torch.Tensor':
     value = np.array(value, order='C')  # A writable C-order copy that the tensor can own.
@@ -370,16 +387,18 @@ _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Reads a .safetensors file into NumPy arrays (the `__metadata__` entry is skipped)."""
   path = os.fspath(path)
+  _check_file(path)
   size = os.path.getsize(path)
   with open(path, 'rb') as f:
     head = f.read(8)
     n = int.from_bytes(head, 'little') if len(head) == 8 else -1
     if not 2 <= n <= size - 8:
-      raise ValueError(f'{path}: not a safetensors file (header length {n}, file size {size})')
+      raise errors.InputError(
+          f'{path}: not a safetensors file (header length {n}, file size {size})')
     try:
       header = json.loads(f.read(n))
     except ValueError as e:
-      raise ValueError(f'{path}: safetensors header is not JSON: {e}') from None
+      raise errors.InputError(f'{path}: safetensors header is not JSON: {e}') from None
   # np.memmap refuses an empty mapping (a file without tensors).
   data = np.zeros(0, np.uint8)
   if size > 8 + n:
@@ -392,10 +411,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
       dtype, shape = _ST_DTYPES[info['dtype']], tuple(info['shape'])
       begin, end = info['data_offsets']
     except (KeyError, TypeError, ValueError):
-      raise ValueError(f'{path}: bad safetensors header entry {key!r}: {info!r}') from None
+      raise errors.InputError(f'{path}: bad safetensors header entry {key!r}: {info!r}') from None
     if end - begin != dtype.itemsize * int(np.prod(shape)) or not 0 <= begin <= end <= data.size:
-      raise ValueError(f'{path}: tensor {key!r} of {info["dtype"]}{list(shape)} has byte range '
-                       f'[{begin}, {end}) in a data section of {data.size} bytes')
+      raise errors.InputError(
+          f'{path}: tensor {key!r} of {info["dtype"]}{list(shape)} has byte range '
+          f'[{begin}, {end}) in a data section of {data.size} bytes')
     # One copy out of the mapping, in native byte order.
     out[key] = np.array(data[begin:end].view(dtype).reshape(shape), dtype=dtype.newbyteorder('='))
   return out
@@ -413,7 +433,8 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
     value = np.asarray(value)
     name = _ST_NAMES.get(value.dtype.newbyteorder('<') if value.dtype.itemsize > 1 else value.dtype)
     if name is None:
-      raise ValueError(f'write_safetensors: tensor {key!r} has unsupported dtype {value.dtype}')
+      raise errors.InputError(
+          f'write_safetensors: tensor {key!r} has unsupported dtype {value.dtype}')
     arrays[key] = (name, value)
   offsets, offset = {}, 0
   for key in sorted(arrays, key=lambda k: -arrays[k][1].dtype.itemsize):  # A stable sort.

@@ -27,14 +27,18 @@ Config keys read by the trainer (model-specific keys are read by the experiment)
                           variables under best/ (no best/ when best_metric is empty).
   optim                   lr, weight_decay (0), b1 (0.9), b2 (0.999), eps (1e-8),
                           grad_clip_norm (None = off), schedule ('warmup_cosine' (the
-                          original DualTrack's) | 'linear_warmup_cosine' | 'cosine' | 'constant'),
-                          no_decay (regexes of paths without weight decay), sparse_groups
-                          (regexes whose first group names a group, e.g. one head per task, that
-                          gets no update at all in a step where its gradients are all zero);
+                          original DualTrack's) | 'linear_warmup_cosine' | 'cosine' |
+                          'ijepa_warmup_cosine' (with start_lr, final_lr) | 'constant'),
+                          final_weight_decay (a cosine ramp of the decay to it), no_decay
+                          (regexes of paths without weight decay), sparse_groups (regexes whose
+                          first group names a group, e.g. one head per task, that gets no update
+                          at all in a step where its gradients are all zero);
                           AdamW as torch.optim.AdamW.
   init_from               start a fresh run (never a resumed one) from other runs: per source name
                           {workdir (run or step folder), checkpoint ('best'), map [(source path,
-                          target path)], reinit [target paths re-initialised on purpose]};
+                          target path)], reinit [target paths re-initialised on purpose],
+                          collections {target collection: source collection}, e.g.
+                          {'params': 'target'} (an I-JEPA run's target encoder)};
                           strict shapes, errors name the path (launch/checkpointing.py).
   frozen                  regexes over '/'-joined parameter paths (re.fullmatch) that are not
                           trained (no update, no weight decay), e.g. ('cnn/.*',).
@@ -49,9 +53,9 @@ optim.grad_clip_norm).
 
 Workdir: checkpoints/<step> (last keep_checkpoints), best/<step> (best variables),
 tensorboard/. Exit status 1 with a one-line message on a non-finite loss (the last good
-checkpoint is kept), a bad config value or a missing data file.
+checkpoint is kept), a bad config value, a missing or malformed data file (--traceback shows
+the traceback).
 """
-import sys
 
 from absl import app
 from absl import flags
@@ -64,6 +68,7 @@ from launch import metric_writer
 from launch import sharding
 from launch import trainer
 from launch import xla_flags
+from ultrasound_common import errors
 
 FLAGS = flags.FLAGS
 
@@ -95,17 +100,13 @@ def main(argv: list[str]) -> None:
   metric_writer.quiet_library_logs()
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
-  try:
-    trainer.train_and_evaluate(config, FLAGS.workdir)
-  except (trainer.NonFiniteLossError, config_utils.ConfigError, FileNotFoundError) as e:
-    logging.error('%s', e)
-    sys.exit(f'ERROR: {e}')
+  trainer.train_and_evaluate(config, FLAGS.workdir)
 
 
 def run() -> None:
   """The program: flags, then `main` (with clear errors for unknown --config.* keys)."""
   define_flags()
-  app.run(main, flags_parser=config_utils.make_flags_parser('config'))
+  errors.run(main, 'launch.train', flags_parser=config_utils.make_flags_parser('config'))
 
 
 if __name__ == '__main__':

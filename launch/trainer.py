@@ -8,11 +8,14 @@ from collections.abc import Mapping
 import functools
 import json
 import os
+import signal
+import threading
 from typing import Any
 
 from absl import logging
 import grain
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -25,10 +28,63 @@ from launch import metric_writer
 from launch import optim
 from launch import plots
 from launch import sharding
+from ultrasound_common import errors
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.Error, RuntimeError):
   """The loss or gradient norm became NaN/inf; the state after that step is not saved."""
+
+
+class Interrupted(errors.Error):
+  """SIGINT or SIGTERM stopped training; a checkpoint of the current step was saved first."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_code = 128 + signum  # The shell's convention for a process ended by a signal.
+
+
+class InterruptRequest:
+  """Turns the first SIGINT (Ctrl-C) or SIGTERM (preemption, a scheduler) into a request that the
+  loop honours after the current step; a second one ends the process at once.
+
+  Use as a context manager around the loop; it installs the handlers only in the main thread (the
+  only one that receives signals) and restores the previous ones on exit.
+  """
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self) -> 'InterruptRequest':
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.signum is not None:
+      logging.error('%s again: exiting now, without waiting for the checkpoint.',
+                    signal.Signals(signum).name)
+      os._exit(128 + signum)  # pylint: disable=protected-access
+    self.signum = signum
+    logging.warning('%s: saving a checkpoint after the current step, then stopping (send it '
+                    'again to exit at once).', signal.Signals(signum).name)
+
+  def requested(self) -> bool:
+    """Whether to stop now. With several processes every one gets the same answer: a collective
+    call that all of them must make at the same step."""
+    wanted = self.signum is not None
+    if jax.process_count() > 1:
+      flags = multihost_utils.process_allgather(np.int32(wanted))
+      wanted = bool(np.any(flags))
+      if wanted and self.signum is None:
+        self.signum = signal.SIGTERM  # Another process was told to stop.
+    return wanted
 
 
 def init_state(experiment, tx: optax.GradientTransformation, rng: jax.Array,
@@ -37,8 +93,8 @@ def init_state(experiment, tx: optax.GradientTransformation, rng: jax.Array,
   init_rng, train_rng = jax.random.split(rng)
   variables = dict(experiment.init(init_rng, batch))
   if 'params' not in variables:
-    raise ValueError(f'Experiment.init must return a dict with "params", got keys '
-                     f'{sorted(variables)}')
+    raise errors.InputError(f'Experiment.init must return a dict with "params", got keys '
+                            f'{sorted(variables)}')
   return {'step': jnp.zeros((), jnp.int32), 'rng': train_rng, 'variables': variables,
           'opt_state': tx.init(variables['params'])}
 
@@ -60,8 +116,9 @@ def make_train_step(experiment, tx: optax.GradientTransformation, schedule: opta
         variables['params'])
     unknown = set(updates) - (set(variables) - {'params'})
     if unknown:
-      raise ValueError(f'Experiment.loss_fn returned updates for collections {sorted(unknown)} '
-                       f'that Experiment.init did not create (have {sorted(variables)})')
+      raise errors.InputError(
+          f'Experiment.loss_fn returned updates for collections {sorted(unknown)} '
+          f'that Experiment.init did not create (have {sorted(variables)})')
     opt_updates, opt_state = tx.update(grads, state['opt_state'], variables['params'])
     params = optax.apply_updates(variables['params'], opt_updates)
     mask = optim.trainable_mask(params, frozen)
@@ -76,21 +133,29 @@ def make_train_step(experiment, tx: optax.GradientTransformation, schedule: opta
 
 def _steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, int]:
   """Total, warmup, eval, log and checkpoint intervals in optimiser steps."""
-  total = config.get('total_steps') or int(config_utils.require(config, 'num_epochs')
-                                           * steps_per_epoch)
+  if config.get('total_steps') is not None:
+    total, source = int(config.total_steps), f'config.total_steps={config.total_steps}'
+  else:
+    epochs = config_utils.require(config, 'num_epochs')
+    total = int(epochs * steps_per_epoch)
+    source = f'config.num_epochs={epochs} x {steps_per_epoch} steps per epoch'
   if total <= 0:
-    raise config_utils.ConfigError(f'config.total_steps / num_epochs give {total} steps')
+    raise config_utils.ConfigError(f'{source} gives {total} steps; the run needs at least one')
   if config.get('eval_every_steps'):
     eval_every = int(config.eval_every_steps)
   elif config.get('eval_every_epochs'):
     eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
   else:
     eval_every = total
-  return {'total': int(total),
-          'warmup': int(round(config.get('warmup_epochs', 0) * steps_per_epoch)),
-          'eval': max(eval_every, 1),
-          'log': max(int(config.get('log_every_steps', 50)), 1),
-          'checkpoint': max(int(config.get('checkpoint_every_steps', 1000)), 1)}
+  warmup = int(round(config.get('warmup_epochs', 0) * steps_per_epoch))
+  if warmup < 0:
+    raise config_utils.ConfigError(f'config.warmup_epochs={config.warmup_epochs} is negative')
+  intervals = {k: config.get(f'{k}_every_steps') for k in ('log', 'checkpoint')}
+  for key, value in intervals.items():
+    if value is not None and int(value) <= 0:
+      raise config_utils.ConfigError(f'config.{key}_every_steps={value} must be positive')
+  return {'total': total, 'warmup': warmup, 'eval': max(eval_every, 1),
+          'log': int(intervals['log'] or 50), 'checkpoint': int(intervals['checkpoint'] or 1000)}
 
 
 def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]], last_good: int | None,
@@ -138,6 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_utils.ConfigError: a missing or inconsistent config key.
   """
   workdir = os.path.abspath(workdir)
+  config = config_utils.with_runtime_keys(config)
   mesh = sharding.make_mesh()
   with jax.set_mesh(mesh):
     return _train(config, workdir, mesh)
@@ -149,9 +215,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, f
   # Experiment and sizes. Everything that can fail on bad input (config keys, missing data)
   # runs before the workdir is touched, so a failed start leaves nothing behind.
   # ============================================================================================
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_utils.ConfigError(f'--workdir={workdir} is a file, not a run folder')
+  batch_size = int(config_utils.require(config, 'batch_size'))
+  if batch_size <= 0:
+    raise config_utils.ConfigError(f'config.batch_size={batch_size} must be positive')
   experiment = experiment_lib.load_experiment(config)
   process_index, process_count = jax.process_index(), jax.process_count()
-  batch_size = int(config_utils.require(config, 'batch_size'))
   if batch_size % mesh.devices.size or batch_size % process_count:
     raise config_utils.ConfigError(
         f'config.batch_size={batch_size} must be divisible by the number of devices '
@@ -177,9 +247,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, f
     example_iter.close()
   local_rows = {k: np.shape(v)[0] for k, v in example.items()}
   if set(local_rows.values()) != {batch_size // process_count}:
-    raise ValueError(f'Experiment.train_dataset yields per-process batches with leading sizes '
-                     f'{local_rows}; expected config.batch_size // processes = '
-                     f'{batch_size // process_count}')
+    raise errors.InputError(
+        f'Experiment.train_dataset yields per-process batches with leading sizes '
+        f'{local_rows}; expected config.batch_size // processes = '
+        f'{batch_size // process_count}')
   if config.get('num_workers', 0):
     train_ds = train_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=int(config.num_workers)))
@@ -211,15 +282,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, f
                                        best_mode=config.get('best_mode', 'min'))
   writer = metric_writer.MetricWriter(workdir, enabled=process_index == 0)
   train_iter = iter(train_ds)
-  start = ckpts.latest_step()
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract_state, state_sharding)
+  start, state = ckpts.resume(target, train_iter, config_json)
   if start is not None:
-    changes = config_utils.diff(ckpts.config(start), config_json)
-    if changes:
-      logging.warning('The config differs from the one saved at step %d:\n  %s', start,
-                      '\n  '.join(changes))
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          abstract_state, state_sharding)
-    state = ckpts.restore(start, target, train_iter)
     logging.info('Resumed from %s at step %d.', workdir, start)
   else:
     start = 0
@@ -246,40 +312,53 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, f
   progress = metric_writer.Progress(start, total_steps)
   pending: list[tuple[int, dict[str, jax.Array]]] = []
   eval_metrics: dict[str, float] = {}
-  try:
-    for step in range(start, total_steps):
-      batch = sharding.global_batch(next(train_iter), batch_sharding)
-      state, metrics = train_step(state, batch)
-      pending.append((step, metrics))
-      done = step + 1
-      last = done == total_steps
-      do_log = done % steps['log'] == 0 or last
-      do_save = done % steps['checkpoint'] == 0 or last
-      do_eval = done % steps['eval'] == 0 or last
-      if not (do_log or do_save or do_eval):
-        continue
-      values = _check_finite(pending, ckpts.latest_step(), workdir)
-      pending = []
-      if do_log:
-        mean = {k: float(np.mean([v[k] for v in values])) for k in values[-1]}
-        mean['lr'] = values[-1]['lr']
-        rate, eta = progress.update(done)
-        metric_writer.log_train_line(done, total_steps, mean, rate, eta)
-        writer.scalars(done, {**{f'train/{k}': v for k, v in mean.items()},
-                              'train/steps_per_sec': rate})
-      if do_save:
-        ckpts.save(done, state, train_iter, config_json)
-      if do_eval:
-        eval_metrics = _evaluate(experiment, state, done, config, writer).metrics
-        ckpts.maybe_save_best(done, state['variables'], eval_metrics, config_json)
-    if start >= total_steps:
-      logging.info('Nothing to do: the checkpoint in %s is already at step %d of %d.', workdir,
-                   start, total_steps)
-  finally:
-    # Also on errors: finish writing the last good checkpoint before the process exits.
-    ckpts.wait_until_finished()
-    ckpts.close()
-    writer.close()
-    if hasattr(train_iter, 'close'):
-      train_iter.close()
+  with InterruptRequest() as interrupt:
+    try:
+      for step in range(start, total_steps):
+        batch = sharding.global_batch(next(train_iter), batch_sharding)
+        state, metrics = train_step(state, batch)
+        pending.append((step, metrics))
+        done = step + 1
+        last = done == total_steps
+        do_log = done % steps['log'] == 0 or last
+        do_save = done % steps['checkpoint'] == 0 or last
+        do_eval = done % steps['eval'] == 0 or last
+        # One process: honoured after every step. Several: where they sync anyway (log, save and
+        # eval steps), so that all stop at the same step.
+        stop = ((jax.process_count() == 1 or do_log or do_save or do_eval)
+                and interrupt.requested())
+        if stop:
+          do_save = True
+        if not (do_log or do_save or do_eval):
+          continue
+        values = _check_finite(pending, ckpts.latest_step(), workdir)
+        pending = []
+        if do_log:
+          mean = {k: float(np.mean([v[k] for v in values])) for k in values[-1]}
+          mean['lr'] = values[-1]['lr']
+          rate, eta = progress.update(done)
+          metric_writer.log_train_line(done, total_steps, mean, rate, eta)
+          writer.scalars(done, {**{f'train/{k}': v for k, v in mean.items()},
+                                'train/steps_per_sec': rate})
+        if do_save:
+          ckpts.save(done, state, train_iter, config_json)
+        if stop and not last:
+          ckpts.wait_until_finished()
+          name = signal.Signals(interrupt.signum).name
+          raise Interrupted(f'{name} at step {done} of {total_steps}: saved '
+                            f'{ckpts.step_dir(done)}; run the same command again to resume',
+                            interrupt.signum)
+        if do_eval:
+          eval_metrics = _evaluate(experiment, state, done, config, writer).metrics
+          ckpts.maybe_save_best(done, state['variables'], eval_metrics, config_json)
+      if start >= total_steps:
+        logging.info('Nothing to do: the checkpoint in %s is already at step %d of %d.', workdir,
+                     start, total_steps)
+    finally:
+      # Also on errors: finish writing the last good checkpoint before the process exits.
+      ckpts.wait_until_finished()
+      ckpts.close()
+      writer.close()
+      if hasattr(train_iter, 'close'):
+        train_iter.close()
   return eval_metrics

@@ -26,6 +26,7 @@ import numpy as np
 from sonichu_jax import convert
 from sonichu_jax import tasks
 from sonichu_jax.models import sonichu
+from ultrasound_common import errors
 
 PRESETS = {'sonichu_124m': {}}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -99,8 +100,8 @@ def torch_model(model: sonichu.SonichuModel, variables: Mapping[str, Any], task:
   # may be missing or left over.
   missing = [key for key in missing if not key.endswith('num_batches_tracked')]
   if missing or unexpected:
-    raise ValueError(f'bench_sonichu: torch model keys differ: missing {missing[:5]}, '
-                     f'unexpected {unexpected[:5]}')
+    raise errors.InputError(f'bench_sonichu: torch model keys differ: missing {missing[:5]}, '
+                            f'unexpected {unexpected[:5]}')
   return module.eval()
 
 
@@ -113,12 +114,12 @@ def cases(options, *, overrides: Mapping[str, Any] | None = None) -> Iterator[di
   """
   preset_name = options.preset or 'sonichu_124m'
   if preset_name not in PRESETS:
-    raise ValueError(f'--preset={preset_name!r}: unknown; known: {sorted(PRESETS)}')
+    raise errors.InputError(f'--preset={preset_name!r}: unknown; known: {sorted(PRESETS)}')
   if options.original not in (None, ORIGINAL):
-    raise ValueError(f'--original={options.original!r}: SONICHU has no released code; use '
-                     f'--original={ORIGINAL} (the same network built from timm)')
+    raise errors.InputError(f'--original={options.original!r}: SONICHU has no released code; use '
+                            f'--original={ORIGINAL} (the same network built from timm)')
   if options.tile is not None:
-    raise ValueError('--tile: SONICHU takes single images; there is nothing to tile')
+    raise errors.InputError('--tile: SONICHU takes single images; there is nothing to tile')
   kwargs = {**PRESETS[preset_name], **(overrides or {}), 'tasks': (TASK,)}
   models = {name: sonichu.SonichuModel(**kwargs, dtype=DTYPES[name]) for name in options.dtypes}
   reference = sonichu.SonichuModel(**kwargs)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sonichu_jax.models.vit import VisionTransformer
+from ultrasound_common import errors
 
 # ----------------------------------------------------------------------------------------------
 # Names, layouts and the strict tree import.
@@ -114,7 +115,7 @@ def import_variables(state_dict: Mapping[str, np.ndarray], template: Mapping[str
   if wrong:
     problems.append(f'{len(wrong)} wrong shapes: {"; ".join(wrong)}')
   if problems:
-    raise ValueError(f'{source}: ' + '. '.join(problems))
+    raise errors.InputError(f'{source}: ' + '. '.join(problems))
   return {col: flax.traverse_util.unflatten_dict(tree) for col, tree in out.items()}
 
 
@@ -180,14 +181,16 @@ def _source_grid(num: int, dst_grid: tuple[int, int], src_grid, source: str) -> 
   """The grid of a table with `num` patch rows: given, equal to the target's, or square."""
   if src_grid is not None:
     if src_grid[0] * src_grid[1] != num:
-      raise ValueError(f'{source}: pos_embed has {num} patch rows, not source grid {src_grid}')
+      raise errors.InputError(
+          f'{source}: pos_embed has {num} patch rows, not source grid {src_grid}')
     return tuple(src_grid)
   if num == dst_grid[0] * dst_grid[1]:
     return tuple(dst_grid)
   side = int(round(num ** 0.5))
   if side * side != num:
-    raise ValueError(f'{source}: pos_embed has {num} patch rows, which is neither the target grid '
-                     f'{tuple(dst_grid)} nor square; pass its source grid')
+    raise errors.InputError(
+        f'{source}: pos_embed has {num} patch rows, which is neither the target grid '
+        f'{tuple(dst_grid)} nor square; pass its source grid')
   return side, side
 
 
@@ -199,7 +202,7 @@ def _strict_backbone(state_dict: Mapping[str, np.ndarray], grid, mlp_ratio: floa
   """Imports timm-named backbone tensors; width, depth and patch size come from the tensors."""
   for key in ('patch_embed.proj.weight', 'pos_embed'):
     if key not in state_dict:
-      raise ValueError(f'{source}: no {key!r}; keys start with {sorted(state_dict)[:8]}')
+      raise errors.InputError(f'{source}: no {key!r}; keys start with {sorted(state_dict)[:8]}')
   d, _, p, _ = state_dict['patch_embed.proj.weight'].shape
   depth = len({k.split('.')[1] for k in state_dict if k.startswith('blocks.')})
   # Shapes only (num_heads and the patch padding do not change them).
@@ -246,11 +249,12 @@ def backbone_from_ijepa(checkpoint: Mapping[str, Any], grid: tuple[int, int] = (
     source: names the file in error messages.
   """
   if encoder not in ('target_encoder', 'encoder'):
-    raise ValueError(f"{source}: encoder must be 'target_encoder' or 'encoder', got {encoder!r}")
+    raise errors.InputError(
+        f"{source}: encoder must be 'target_encoder' or 'encoder', got {encoder!r}")
   sd = checkpoint
   if 'target_encoder' in checkpoint or 'encoder' in checkpoint:
     if encoder not in checkpoint:
-      raise ValueError(f'{source}: no {encoder!r} entry; entries: {sorted(checkpoint)}')
+      raise errors.InputError(f'{source}: no {encoder!r} entry; entries: {sorted(checkpoint)}')
     sd = checkpoint[encoder]
   sd = {k.removeprefix('module.'): v for k, v in sd.items()}
   if 'pos_embed' in sd:
@@ -262,7 +266,7 @@ def backbone_from_ijepa(checkpoint: Mapping[str, Any], grid: tuple[int, int] = (
 def _mmpose_state_dict(checkpoint: Mapping[str, Any], source: str) -> Mapping[str, np.ndarray]:
   sd = checkpoint.get('state_dict', checkpoint)
   if not isinstance(sd, Mapping):
-    raise ValueError(f'{source}: "state_dict" is a {type(sd).__name__}, not a state dict')
+    raise errors.InputError(f'{source}: "state_dict" is a {type(sd).__name__}, not a state dict')
   return sd
 
 
@@ -306,7 +310,7 @@ def head_from_vitpose(checkpoint: Mapping[str, Any], template: Mapping[str, Any]
   prefix = head + '.'
   sd = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
   if not sd:
-    raise ValueError(f'{source}: no tensors under {prefix!r}')
+    raise errors.InputError(f'{source}: no tensors under {prefix!r}')
   params = dict(template['params'])
   if not final_layer:
     sd = {k: v for k, v in sd.items() if not k.startswith('final_layer.')}

@@ -25,6 +25,7 @@ from sonichu_jax import preprocess
 from sonichu_jax import tasks as tasks_lib
 from sonichu_jax.models import heads as heads_lib
 from sonichu_jax.models import sonichu
+from ultrasound_common import errors
 
 _BOOLEANS = {'true': True, '1': True, 'yes': True, 'false': False, '0': False, 'no': False}
 
@@ -63,12 +64,13 @@ def keypoints_spec(model: sonichu.SonichuModel, variables: Mapping[str, Any],
     try:
       tasks_lib.get_task(name)
     except ValueError as e:
-      raise ValueError(f'export option tasks={text}: {e}') from None
+      raise errors.InputError(f'export option tasks={text}: {e}') from None
   if not names or len(set(names)) != len(names):
-    raise ValueError(f'export option tasks={text!r}: expected distinct task names, e.g. HC,FA')
+    raise errors.InputError(
+        f'export option tasks={text!r}: expected distinct task names, e.g. HC,FA')
   tta_text = options.get('flip_tta', str(bool(flip_tta)).lower())
   if tta_text.lower() not in _BOOLEANS:
-    raise ValueError(f'export option flip_tta={tta_text!r}: expected true or false')
+    raise errors.InputError(f'export option flip_tta={tta_text!r}: expected true or false')
   tta = _BOOLEANS[tta_text.lower()]
   reduced = model.clone(parent=None, tasks=names)
   keep = {'backbone', *(f'heads_{name}' for name in names)}

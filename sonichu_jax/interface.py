@@ -17,6 +17,7 @@ from sonichu_jax import convert
 from sonichu_jax import predict
 from sonichu_jax.experiments import keypoints
 from sonichu_jax.models import sonichu
+from ultrasound_common import errors
 
 _CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
                        'sonichu', 'keypoints.py')
@@ -49,7 +50,7 @@ def from_torch(name: str, state_dict, config: ml_collections.ConfigDict, *, sour
   """(variables, config) of a SONICHU-layout state dict; strict, nothing re-initialised."""
   del name, seed  # One converter; nothing is initialised.
   if allow_reinit:
-    raise ValueError('--allow_reinit is for DualTrack position tables, not --model=sonichu')
+    raise errors.InputError('--allow_reinit is for DualTrack position tables, not --model=sonichu')
   template = sonichu.abstract_variables(keypoints.build_model(config))
   return convert.from_sonichu(state_dict, template, source=source), config
 

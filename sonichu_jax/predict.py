@@ -10,21 +10,11 @@ import os
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from sonichu_jax import plots
+from sonichu_jax import preprocess
 from sonichu_jax import tasks
-
-def read_image(path: str) -> np.ndarray:
-  """An image file as (H, W) uint8 grayscale (colour becomes ITU-R 601 luma: PIL's 'L' mode)."""
-  try:
-    with Image.open(path) as image:
-      return np.asarray(image.convert('L'))
-  except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError.
-    raise ValueError(f'{path}: cannot read the image ({e})') from e
-
-
-
+from ultrasound_common import errors
 
 def plan(run: Any, image_paths, task: str | None):
   """One (name, write) per image, after every image has been read and the task checked.
@@ -33,15 +23,18 @@ def plan(run: Any, image_paths, task: str | None):
   and returns (the keypoints and measurements as text, {}); the name is `<image>_<task>`.
   """
   if not hasattr(run.experiment, 'predict_image'):
-    raise ValueError(f"{run.checkpoint_dir}: config.experiment '{run.config.experiment}' has no "
-                     'predict_image method, so it cannot predict keypoints')
+    raise errors.InputError(
+        f"{run.checkpoint_dir}: config.experiment '{run.config.experiment}' has no "
+        'predict_image method, so it cannot predict keypoints')
   if task is None:
-    raise ValueError(f'--task is required for keypoint models; one of '
-                     f'{", ".join(tasks.TASK_NAMES)}')
+    raise errors.InputError(f'--task is required for keypoint models; one of '
+                            f'{", ".join(tasks.TASK_NAMES)}')
   if not image_paths:
-    raise ValueError('give at least one image file: python -m launch.predict IMAGE --task=TASK')
+    raise errors.InputError(
+        'give at least one image file: python -m launch.predict IMAGE --task=TASK')
   spec = tasks.get_task(task)
-  images = {path: read_image(path) for path in image_paths}  # Every file is read before any work.
+  # Every file is read before any work.
+  images = {path: preprocess.read_gray(path) for path in image_paths}
 
   def writer(path: str, image: np.ndarray):
     def write(folder: str, name: str) -> tuple[str, dict[str, float]]:

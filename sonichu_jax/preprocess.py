@@ -13,10 +13,46 @@ preprocessor is unpublished: docs/sonichu.md, section "Unpublished details and o
 is NumPy, for the host-side data pipeline where every image has its own size.
 """
 import numpy as np
+from PIL import Image
+
+from ultrasound_common import errors
 
 IMAGE_SIZE = 256
+# Larger images are refused before they are decoded (the largest ultrasound frames are a few
+# megapixels; PIL's own guard would only raise its DecompressionBombError at 179 megapixels).
+MAX_IMAGE_PIXELS = 64 * 2**20
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def read_gray(path: str) -> np.ndarray:
+  """An image file as (H, W) uint8 grayscale, whatever its bit depth and channels.
+
+  8-bit images: colour becomes ITU-R 601 luma (PIL's 'L' mode), alpha is dropped. 16-bit
+  grayscale (PNG, TIFF) is scaled to 8 bits (v * 255 / 65535, rounded), not clipped at 255 as
+  PIL's conversion would. 32-bit integer and float images have no agreed range and are refused.
+  Errors (unreadable, too large, unsupported mode) name the file.
+  """
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+      if width * height > MAX_IMAGE_PIXELS:
+        raise errors.InputError(f'{path}: the image declares {width}x{height} pixels, more than '
+                                f'the {MAX_IMAGE_PIXELS // 2**20} megapixels this reader accepts')
+      if image.mode in ('I;16', 'I;16B', 'I;16L'):
+        pixels = np.asarray(image).astype(np.float64) * (255.0 / 65535.0)
+        return np.rint(pixels).astype(np.uint8)
+      if image.mode in ('I', 'F'):
+        raise errors.InputError(f'{path}: {image.mode!r} images (32-bit integer or float '
+                                'pixels) have no agreed grey range; save it as 8 or 16 bits')
+      return np.asarray(image.convert('L'))
+  except Image.DecompressionBombError as e:  # PIL's own, larger limit, checked on opening.
+    raise errors.InputError(f'{path}: the image is too large ({e})') from e
+  except (OSError, ValueError) as e:
+    if isinstance(e, errors.Error):
+      raise
+    # PIL's UnidentifiedImageError is an OSError; truncated data also fails here.
+    raise errors.InputError(f'{path}: cannot read the image ({e})') from e
 
 
 def _resize_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -50,19 +86,21 @@ def preprocess(image: np.ndarray, size: int = IMAGE_SIZE) -> tuple[np.ndarray, t
   if image.ndim == 2:
     image = image[..., None]
   if image.ndim != 3 or image.shape[-1] not in (1, 3) or min(image.shape[:2]) < 1:
-    raise ValueError(f'preprocess: expected an (H, W), (H, W, 1) or (H, W, 3) image, got shape '
-                     f'{image.shape}')
+    raise errors.InputError(
+        f'preprocess: expected an (H, W), (H, W, 1) or (H, W, 3) image, got shape '
+        f'{image.shape}')
   if image.dtype == np.uint8:
     image = image.astype(np.float32) / 255.0
   elif np.issubdtype(image.dtype, np.floating):
     if not np.all(np.isfinite(image)):
-      raise ValueError('preprocess: the image has NaN or infinite values')
+      raise errors.InputError('preprocess: the image has NaN or infinite values')
     if image.min() < 0.0 or image.max() > 1.0:
-      raise ValueError('preprocess: a floating-point image must be in [0, 1], got range '
-                       f'[{image.min()}, {image.max()}]; pass uint8 for [0, 255] images')
+      raise errors.InputError('preprocess: a floating-point image must be in [0, 1], got range '
+                              f'[{image.min()}, {image.max()}]; pass uint8 for [0, 255] images')
     image = image.astype(np.float32)
   else:
-    raise ValueError(f'preprocess: image dtype must be uint8 or floating point, got {image.dtype}')
+    raise errors.InputError(
+        f'preprocess: image dtype must be uint8 or floating point, got {image.dtype}')
   orig_hw = image.shape[:2]
   # Resizing one channel and replicating it equals replicating first: the resize is per channel.
   image = resize_bilinear(image, (size, size))

@@ -26,6 +26,8 @@ the consecutive pairs (0, 1), (2, 3), ... (2 for PSAX, 8 for A4C, 11 for PLAX).
 
 import dataclasses
 
+from ultrasound_common import errors
+
 MEASUREMENT_KINDS = ('length', 'ellipse', 'angle', 'pair_lengths')
 
 
@@ -76,6 +78,6 @@ def get_task(name: str) -> Task:
   try:
     return _BY_NAME[name]
   except (KeyError, TypeError):
-    raise ValueError(
+    raise errors.InputError(
         f'Unknown SONICHU task {name!r}; valid tasks: {", ".join(TASK_NAMES)}.') from None
 

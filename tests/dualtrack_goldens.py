@@ -52,7 +52,7 @@ def _weight(key: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.nd
     return normal(1.0 / np.sqrt(shape[1]))
   if len(shape) == 1 and name == 'weight':  # LayerNorm / BatchNorm scale
     return (1.0 + normal(0.1)).astype(np.float32)
-  if len(shape) == 1 and name == 'bias':
+  if len(shape) == 1 and (name == 'bias' or name.startswith('bias_')):  # also torch LSTM biases
     return normal(0.1)
   raise ValueError(f'random_state_dict: no rule for key {key!r} of shape {shape}')
 

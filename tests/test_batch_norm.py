@@ -1,4 +1,4 @@
-"""Tests of ultrasound_nn/batch_norm.py against numbers recorded with torch's BatchNorm2d/3d.
+"""Tests of ultrasound_common/batch_norm.py against numbers recorded with torch's BatchNorm2d/3d.
 
 tests/fixtures/batch_norm_torch.npz comes from scripts/record_batch_norm_torch.py (torch 2.13.0,
 CPU): two training steps and one evaluation step of `torch.nn.BatchNorm2d` and `BatchNorm3d`
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ultrasound_nn import batch_norm
+from ultrasound_common import batch_norm
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures',
                        'batch_norm_torch.npz')

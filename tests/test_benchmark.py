@@ -108,7 +108,7 @@ def test_peak_rss_sees_a_new_allocation():
 
 
 def test_bad_options_are_refused():
-  with pytest.raises(ValueError, match="--model='resnet': unknown; known: dualtrack, sonichu(, toy)?$"):
+  with pytest.raises(ValueError, match="--model='resnet': unknown; known: .*dualtrack, sonichu"):
     next(bench_inference.cases('resnet', bench_inference.Options()))
   with pytest.raises(ValueError, match='--preset=.*known'):
     _cases(bench_inference.Options(preset='tus_rec_2023'))

@@ -470,7 +470,7 @@ def test_cli_from_torch_writes_a_run_folder(tmp_path):
   # The original's head has no output scaling: identity standardisation.
   assert config['model'] == {'widths': [3, 4, 5, 6], 'stem_width': 2,
                              'temporal_kernels': [3, 3, 3, 3], 'target_mean': [0.0] * 6,
-                             'target_std': [1.0] * 6}
+                             'target_std': [1.0] * 6, 'causal': False}
   assert config['data']['crop'] == [256, 256]  # the rest is configs/dualtrack/local_stage1.py
   state = torch_io.load_state_dict(source)
   params, stats = variables['params'], variables['batch_stats']

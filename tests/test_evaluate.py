@@ -111,3 +111,18 @@ def test_set_overrides_the_saved_config(trained, tmp_path):
     evaluate.evaluate_checkpoint(workdir, 'best', overrides=['seed'])
   with pytest.raises(config_utils.ConfigError, match='--set=seed=abc'):
     evaluate.evaluate_checkpoint(workdir, 'best', overrides=['seed=abc'])
+
+
+def test_runs_side_by_side(trained, tmp_path):
+  workdir, _ = trained
+  out = str(tmp_path / 'comparison')
+  summary = evaluate.compare_runs([workdir, workdir], out=out, names=['first', 'second'])
+  first, second = summary['runs']['first'], summary['runs']['second']
+  assert first['metrics'] == second['metrics'] and first['step'] == 12
+  with open(os.path.join(out, 'comparison.md')) as f:
+    table = f.read().splitlines()
+  assert table[0] == '| metric | first | second |'
+  mse = f"{first['metrics']['mse']:.4g}"
+  assert f'| mse | {mse} | {mse} |' in table
+  with pytest.raises(config_utils.ConfigError, match='one distinct name per --workdir'):
+    evaluate.compare_runs([workdir, workdir], out=out)

@@ -38,7 +38,7 @@ CONFIGS = os.path.join(ROOT, 'configs')
 # pixel off the frame's and the manifest's recipe must move the poses into the file's frame.
 HEIGHT, WIDTH, CROP = 40, 49, (32, 32)
 SHORT, LONG = 9, 13  # Sweep lengths: one sweep of SHORT frames, two of LONG (b = 1 and b = 2).
-MODEL_PACKAGES = ('dualtrack_jax', 'sonichu_jax', 'toy_experiment', 'ultrasound_nn')
+MODEL_PACKAGES = ('dualtrack_jax', 'sonichu_jax', 'toy_experiment')
 
 # Imported first in the subprocesses: any import of the named top-level packages fails.
 BLOCKER = textwrap.dedent("""\
@@ -63,7 +63,8 @@ def readme_snippet() -> str:
   with open(os.path.join(ROOT, 'README.md')) as f:
     readme = f.read()
   section = readme[readme.index('## Export: a model without its code'):]
-  return section[section.index('```python\n') + 10:section.index('\n```', section.index('```python'))]
+  start = section.index('```python\n') + len('```python\n')
+  return section[start:section.index('\n```', start)]
 
 
 def _random_variables(shapes, seed: int):

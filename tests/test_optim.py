@@ -166,3 +166,22 @@ def test_gradient_clipping_uses_trainable_norm_only():
                             [1.0, 1.0], 0.0)
   np.testing.assert_allclose(out['a'], want, rtol=1e-5)
   np.testing.assert_array_equal(out['frozen'], [0.0, 0.0])
+
+
+def test_ijepa_schedules_hand_values():
+  config = {'lr': 1e-3, 'schedule': 'ijepa_warmup_cosine', 'start_lr': 2e-4, 'final_lr': 1e-6,
+            'weight_decay': 0.04, 'final_weight_decay': 0.4}
+  lr = optim.make_schedule(config, total_steps=10, warmup_steps=3)
+  # Update k uses s = k + 1: warm-up while s < 3, then a cosine from lr to final_lr at s = 10.
+  np.testing.assert_allclose([float(lr(k)) for k in (0, 1, 2, 9)],
+                             [2e-4 + 8e-4 / 3, 2e-4 + 16e-4 / 3, 1e-3, 1e-6], rtol=1e-5)
+  wd = optim.cosine_weight_decay_schedule(0.04, 0.4, 10)
+  np.testing.assert_allclose([float(wd(k)) for k in (4, 9)], [0.22, 0.4], rtol=1e-5)
+  # A parameter without gradient moves by -lr_k wd_k p: the scheduled decay reaches AdamW.
+  tx, _ = optim.make_optimizer(config, total_steps=10, warmup_steps=3)
+  params = {'w': jnp.ones(2)}
+  updates, _ = tx.update({'w': jnp.zeros(2)}, tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], -float(lr(0)) * float(wd(0)), rtol=1e-5)
+  with pytest.raises(ValueError, match='needs config.optim.start_lr and final_lr'):
+    optim.make_schedule({'lr': 1e-3, 'schedule': 'ijepa_warmup_cosine'}, total_steps=10,
+                        warmup_steps=3)

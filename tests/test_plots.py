@@ -2,6 +2,7 @@
 import numpy as np
 from PIL import Image
 
+from dualtrack_jax import interface
 from dualtrack_jax import plots
 from launch import plots as launch_plots
 
@@ -54,3 +55,26 @@ def test_pictures_are_saved_and_named_safely(tmp_path):
   with Image.open(tmp_path / 'a.png') as image:
     np.testing.assert_array_equal(np.asarray(image), picture)
   assert launch_plots.safe_filename('tus-rec/000 a b') == 'tus-rec_000_a_b'
+
+
+class _Result:
+  """What a DualTrack experiment's evaluate returns, as far as comparisons read it."""
+
+  def __init__(self, *sweeps):
+    self.sweeps = list(sweeps)
+
+
+def _sweep(index: int, dx: float) -> dict:
+  gt = np.stack([np.eye(4), _pose(10, [1, 0, 0])])
+  pred = gt.copy()
+  pred[:, 0, 3] += dx
+  return dict(sweep_id=f'val/{index}', pred_global=pred, gt_global=gt, pixel_to_image=np.eye(4),
+              image_shape=(4, 6))
+
+
+def test_runs_are_compared_per_sweep():
+  figures = interface.compare_figures({'a': _Result(_sweep(0, 0.1), _sweep(1, 0.1)),
+                                       'b': _Result(_sweep(1, 0.2))})
+  assert list(figures) == ['compare/val/1']  # only the sweeps every run evaluated
+  (ax, *_) = figures['compare/val/1'].axes
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == ['true', 'a', 'b']

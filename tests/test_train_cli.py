@@ -7,6 +7,8 @@ runs the same compiled program on the same devices, and XLA:CPU is deterministic
 """
 import glob
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -116,13 +118,19 @@ def teacher(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def reference(teacher, tmp_path_factory):
+def reference_run(teacher, tmp_path_factory):
+  """The workdir of one uninterrupted run."""
   workdir = str(tmp_path_factory.mktemp('reference') / 'run')
   result = _train(teacher, workdir)
   assert result.returncode == 0, result.stderr
   assert 'step 24/24 | loss' in result.stderr and 'eval @ step 24: mse=' in result.stderr
   assert _steps(workdir) == [16, 24]  # keep_checkpoints = 2
-  return _final_variables(workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def reference(reference_run):
+  return _final_variables(reference_run)
 
 
 def test_resume_after_sigkill_is_exact(teacher, reference, tmp_path):
@@ -138,6 +146,57 @@ def test_resume_after_sigkill_is_exact(teacher, reference, tmp_path):
   # The changed key is reported (a warning, not an error).
   assert 'toy.sleep_per_batch: 0.2 -> 0.0' in result.stderr
   _assert_trees(_final_variables(workdir), reference)
+
+
+def test_sigterm_saves_the_current_step_and_resumes_exactly(teacher, reference, tmp_path):
+  workdir = str(tmp_path / 'run')
+  process = _start(teacher, workdir, '--config.toy.sleep_per_batch=0.2')
+  _wait_for(lambda: os.path.isdir(os.path.join(workdir, 'checkpoints', '8')), process, workdir)
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=120) == 128 + signal.SIGTERM
+  with open(workdir + '.log') as log:
+    output = log.read()
+  match = re.search(r'launch.train: error: SIGTERM at step (\d+) of 24: saved (\S+); run the '
+                    'same command again to resume', output)
+  assert match, output
+  stopped = int(match.group(1))
+  assert 8 <= stopped < 24 and stopped in _steps(workdir)
+  assert match.group(2) == os.path.join(workdir, 'checkpoints', str(stopped))
+  assert 'Traceback' not in output
+  result = _train(teacher, workdir)
+  assert result.returncode == 0, result.stderr
+  assert f'Resumed from {workdir} at step {stopped}' in result.stderr
+  _assert_trees(_final_variables(workdir), reference)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(teacher, reference_run,
+                                                                  reference, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference_run, workdir)
+  damaged = os.path.join(workdir, 'checkpoints', '24')
+  for path in glob.glob(os.path.join(damaged, '**', '*'), recursive=True):
+    if os.path.isfile(path) and path.endswith(('_METADATA', '.json', '_CHECKPOINT_METADATA')):
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+  result = _train(teacher, workdir)
+  assert result.returncode == 0, result.stderr
+  assert f'Checkpoint {damaged} cannot be read' in result.stderr
+  assert f'Resumed from {workdir} at step 16' in result.stderr
+  assert os.path.isdir(damaged + '.damaged-0')  # kept for inspection, never deleted
+  _assert_trees(_final_variables(workdir), reference)
+
+
+def test_resume_with_another_model_is_refused_before_restoring(teacher, tmp_path):
+  workdir = str(tmp_path / 'run')
+  result = _train(teacher, workdir, '--config.total_steps=8')
+  assert result.returncode == 0, result.stderr
+  result = _train(teacher, workdir, '--config.toy.features=4')
+  assert result.returncode == 1
+  (line,) = [l for l in result.stderr.splitlines() if l.startswith('launch.train: error:')]
+  assert 'checkpoints/8: the checkpoint holds another model' in line
+  assert 'params/Conv_0/kernel (3, 3, 1, 8) -> (3, 3, 1, 4)' in line
+  assert 'toy.features: 8 -> 4' in line and 'Traceback' not in result.stderr
+  assert _steps(workdir) == [8]
 
 
 def test_kill_during_save_keeps_previous_checkpoint(teacher, reference, tmp_path):
@@ -158,7 +217,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(teacher, tmp_path)
   workdir = str(tmp_path / 'run')
   result = _train(teacher, workdir, '--config.toy.nan_from_step=10')
   assert result.returncode == 1
-  assert 'ERROR: Non-finite loss at step 10 (loss=nan' in result.stderr
+  assert 'launch.train: error: Non-finite loss at step 10 (loss=nan' in result.stderr
   assert 'the last good checkpoint is step 8' in result.stderr
   assert _steps(workdir) == [8]
   assert os.listdir(os.path.join(workdir, 'best')) == []  # no evaluation of a bad state
@@ -168,7 +227,7 @@ def test_unknown_config_key_is_named(teacher, tmp_path):
   workdir = str(tmp_path / 'run')
   result = _train(teacher, workdir, '--config.nonexistent=1')
   assert result.returncode == 1
-  assert ("FATAL Flags parsing error: unknown config key 'nonexistent' in "
+  assert ("launch.train: error: unknown config key 'nonexistent' in "
           "--config.nonexistent=1: config has no field 'nonexistent'. Keys of config: "
           'batch_size, best_metric,') in result.stderr
   result = _train(teacher, workdir, '--config.optim.lrr=0.1')
@@ -183,7 +242,9 @@ def test_missing_data_fails_before_touching_workdir(teacher, tmp_path):
   missing = str(tmp_path / 'nowhere' / 'teacher.npz')
   result = _train(missing, workdir)
   assert result.returncode == 1
-  assert f'ERROR: {missing}: toy data file not found (config.data_file)' in result.stderr
+  assert f'launch.train: error: {missing}: toy data file not found (config.data_file)' in (
+      result.stderr)
+  assert 'Traceback' not in result.stderr
   assert not os.path.exists(workdir)
 
 

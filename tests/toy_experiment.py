@@ -23,6 +23,8 @@ import ml_collections
 from ml_collections import config_dict
 import numpy as np
 
+from ultrasound_common import errors
+
 
 def get_config(arg=None):
   """Toy run: 6 epochs of 4 steps at batch 16; checkpoints every 8 steps, eval every 12."""
@@ -49,7 +51,7 @@ def get_config(arg=None):
   config.fsdp_min_size_mb = 4.0
   config.num_workers = 0
   config.toy = ml_collections.ConfigDict(dict(
-      num_train=64, image_size=8, num_val_sweeps=2, val_sweep_length=6,
+      num_train=64, image_size=8, num_val_sweeps=2, val_sweep_length=6, features=8,
       nan_from_step=-1,  # >= 0: targets become NaN from this global batch on
       sleep_per_batch=0.0))  # seconds; slows a run down for the kill tests
   return config
@@ -73,10 +75,11 @@ def teacher_targets(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 class ToyModel(nn.Module):
   """Conv (no bias) -> BatchNorm -> ReLU -> spatial mean -> Dropout -> Dense(3)."""
+  features: int = 8
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = nn.Conv(8, (3, 3), use_bias=False)(x)  # a bias before BatchNorm has no gradient
+    x = nn.Conv(self.features, (3, 3), use_bias=False)(x)  # a bias before BatchNorm has no gradient
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
     x = nn.relu(x).mean(axis=(1, 2))
     x = nn.Dropout(0.1, deterministic=not train)(x)
@@ -94,16 +97,17 @@ class Experiment:
 
   def __init__(self, config, *, load_data: bool = True):
     self.config = config
-    self.model = ToyModel()
+    self.model = ToyModel(config.toy.features)
     self._predict = jax.jit(lambda variables, x: self.model.apply(variables, x, train=False))
     if not load_data:
       return
     path = config.data_file
     if not path or not os.path.isfile(path):
-      raise FileNotFoundError(f'{path or "(empty)"}: toy data file not found (config.data_file)')
+      raise errors.MissingFileError(
+          f'{path or "(empty)"}: toy data file not found (config.data_file)')
     with np.load(path) as data:
       if 'kernel' not in data:
-        raise KeyError(f"{path}: key 'kernel' missing (config.data_file)")
+        raise errors.InputError(f"{path}: key 'kernel' missing (config.data_file)")
       self.kernel = data['kernel']
     size = config.toy.image_size
     rng = np.random.default_rng(1234)
@@ -192,14 +196,14 @@ def plan_predictions(run, inputs, flag_values):
   """One folder per .npy input of (8, 8) images: prediction.json with the model's 3 outputs."""
   del flag_values
   if not inputs:
-    raise ValueError('toy: give .npy files of (8, 8) images as arguments')
+    raise errors.InputError('toy: give .npy files of (8, 8) images as arguments')
   images = {}
   for path in inputs:
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'{path}: file does not exist')
+      raise errors.MissingFileError(f'{path}: file does not exist')
     image = np.load(path)
     if image.shape != (8, 8):
-      raise ValueError(f'{path}: expected an (8, 8) image, got shape {image.shape}')
+      raise errors.InputError(f'{path}: expected an (8, 8) image, got shape {image.shape}')
     images[path] = image.astype(np.float32)
 
   def writer(path):

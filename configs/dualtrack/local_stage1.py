@@ -19,6 +19,8 @@ cores; it is the README's main job:
 """
 import ml_collections as mlc
 
+from launch import config_utils
+
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The original stage-1 recipe, or its small variant on simulated sweeps with arg='sim'."""
@@ -50,6 +52,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.widths = (64, 128, 256, 512)
   c.model.stem_width = 45
   c.model.temporal_kernels = (3, 3, 3, 3)  # `vidrn18_trck_reg`: +-17 frames of temporal context.
+  # True: causal temporal convs (`vidrn18_small_window_trck_reg_causal` with kernels (3, 1, 1, 1)),
+  # the CNN of the hybrid transformer baseline's two-stage recipe (baseline_hybrid.py).
+  c.model.causal = False
   # The head predicts fc(features) * target_std + target_mean, and the loss measures errors in units
   # of target_std: zeros and ones are the original (raw mm and degrees).
   c.model.target_mean = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -120,4 +125,5 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.eval_tile = 64
     c.checkpoint_every_steps = 100
     c.log_every_steps = 20
-  return c
+  # The trainer's other keys (launch/train.py), each with its default.
+  return config_utils.with_runtime_keys(c)

@@ -25,6 +25,8 @@ MRE 15.3 px against 26.8 px of the mean keypoints, in 7.4 minutes):
 """
 import ml_collections as mlc
 
+from launch import config_utils
+
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The full recipe on FM_UIA data, or its small synthetic variant with arg='sim'."""
@@ -141,4 +143,5 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.eval_every_epochs = 3
     c.checkpoint_every_steps = 200
     c.log_every_steps = 48
-  return c
+  # The trainer's other keys (launch/train.py), each with its default.
+  return config_utils.with_runtime_keys(c)

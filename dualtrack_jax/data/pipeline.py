@@ -11,6 +11,7 @@ sections "Training recipes" and "TUS-REC 2025 finetuning".
 | `local_windows`  | local encoder L1/L2          | one random K-frame window per sweep per epoch  |
 | `global_samples` | global encoder G             | M sorted random frames (with absolute indices) |
 | `whole_sweeps`   | fusion, local L3, evaluation | one whole sweep, batch 1                       |
+| `frame_pairs`    | 2-frame CNN baseline         | one random frame pair per sweep per epoch      |
 
 Multi-host contract (the trainer relies on it to make N processes equal one): every process builds
 the same element stream, source -> shuffle -> repeat -> random_map(read + augment) -> batch with the
@@ -31,6 +32,7 @@ import numpy as np
 from dualtrack_jax.data import registry
 from dualtrack_jax.data import sweeps
 from dualtrack_jax.data import transforms as T
+from ultrasound_common import errors
 
 # Global-encoder image sources: the full frame resized (what the released checkpoints see at
 # inference), the 50-px border crop resized on the fly (CropAndDownsampleForContextImages), or the
@@ -78,7 +80,8 @@ class SweepSource:
             record.path, sweeps.IMAGES, f'frames of size {image_shape} differ from the '
             f'{first.image_shape} of {first.path}; batches need one size')
     if not self._refs:
-      raise ValueError(f'No sweep among the {len(records)} records has >= {min_frames} frames.')
+      raise errors.InputError(
+          f'No sweep among the {len(records)} records has >= {min_frames} frames.')
 
   def __len__(self) -> int:
     return len(self._refs)
@@ -143,6 +146,26 @@ class _ReadWindow(grain.transforms.RandomMap):
 
 
 @dataclasses.dataclass(frozen=True)
+class _ReadPair(grain.transforms.RandomMap):
+  """A random frame pair (j, j + 1), or (j, j + 2) with probability `skip_p` (2-frame CNN)."""
+  skip_p: float
+  crop_hw: tuple[int, int]
+  augment: T.Augmentation | None
+
+  def random_map(self, ref: SweepRef, rng: np.random.Generator) -> dict:
+    first = int(rng.integers(0, ref.num_frames - 1))
+    # As train_2_frame_cnn.py: the skip is drawn for every pair, kept only if j + 2 is a frame.
+    skip = rng.random() < self.skip_p and first + 2 < ref.num_frames
+    indices = np.array([first, first + 1 + skip])
+    item = dict(images=ref.reader.images_at(indices), tracking=ref.reader.tracking[indices],
+                pixel_to_image=ref.reader.pixel_to_image)
+    item = T.add_targets(_local_crop(_augment(item, rng, self.augment), rng, self.augment,
+                                     self.crop_hw))
+    return dict(images=np.ascontiguousarray(item['images']), targets=item['targets'],
+                sweep_index=np.int32(ref.sweep_index), start=np.int32(first))
+
+
+@dataclasses.dataclass(frozen=True)
 class _ReadSamples(grain.transforms.RandomMap):
   """`num_samples` sorted random frames of a sweep (RandomSparseSampleTemporal), global images."""
   num_samples: int
@@ -191,24 +214,26 @@ def _check_global_source(source: SweepSource, global_source: str | None, optiona
   if global_source is None and optional:
     return
   if global_source not in GLOBAL_SOURCES:
-    raise ValueError(f'global_source must be one of {GLOBAL_SOURCES}, got {global_source!r}')
+    raise errors.InputError(f'global_source must be one of {GLOBAL_SOURCES}, got {global_source!r}')
   if global_source == 'downsampled':
     source.require_downsampled()
   if global_source == 'context' and min(source.image_shape) <= 2 * T.CONTEXT_BORDER:
-    raise ValueError(f'global_source="context" crops {T.CONTEXT_BORDER} px per side, too much for '
-                     f'frames of size {source.image_shape}')
+    raise errors.InputError(
+        f'global_source="context" crops {T.CONTEXT_BORDER} px per side, too much for '
+        f'frames of size {source.image_shape}')
 
 
 def _check_crop(source: SweepSource, crop_hw: tuple[int, int]) -> None:
   h, w = source.image_shape
   if not (0 < crop_hw[0] <= h and 0 < crop_hw[1] <= w):
-    raise ValueError(f'crop_hw {tuple(crop_hw)} does not fit in the frames of size {(h, w)}')
+    raise errors.InputError(f'crop_hw {tuple(crop_hw)} does not fit in the frames of size {(h, w)}')
 
 
 def _per_process_batch(batch_size: int, shard_count: int) -> int:
   if batch_size % shard_count:
-    raise ValueError(f'The global batch size {batch_size} must be a multiple of the number of '
-                     f'processes {shard_count}.')
+    raise errors.InputError(
+        f'The global batch size {batch_size} must be a multiple of the number of '
+        f'processes {shard_count}.')
   return batch_size // shard_count
 
 
@@ -223,7 +248,7 @@ def _pipeline(source: SweepSource, read: grain.transforms.RandomMap, *, seed: in
   randomness such as dropout included. Slicing a lazy MapDataset reads only this process's batches.
   """
   if not 0 <= shard_index < shard_count:
-    raise ValueError(f'shard_index {shard_index} outside [0, shard_count={shard_count})')
+    raise errors.InputError(f'shard_index {shard_index} outside [0, shard_count={shard_count})')
   ds = grain.MapDataset.source(source).seed(seed)
   if shuffle:
     ds = ds.shuffle()
@@ -269,6 +294,28 @@ def local_windows(records: Sequence[registry.SweepRecord], *, window: int,
   source = SweepSource(records, min_frames=window)
   _check_crop(source, crop_hw)
   return _pipeline(source, _ReadWindow(window, tuple(crop_hw), augment), seed=seed,
+                   shuffle=shuffle, num_epochs=num_epochs,
+                   per_process_batch=_per_process_batch(batch_size, shard_count),
+                   num_workers=num_workers, shard_index=shard_index, shard_count=shard_count)
+
+
+def frame_pairs(records: Sequence[registry.SweepRecord], *, crop_hw: tuple[int, int],
+                batch_size: int, seed: int, augment: T.Augmentation | None, skip_p: float = 0.0,
+                shuffle: bool = True, num_epochs: int | None = None, num_workers: int = 0,
+                shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
+  """Random frame pairs for the 2-frame CNN baseline (train_2_frame_cnn.py, "tus_rec" mode).
+
+  One pair per sweep per epoch: frames j and j + 1 with j uniform in [0, N - 2], or j and j + 2
+  with probability `skip_p` (its `skip_frame_prob`); then the augmentations and crop of
+  `local_windows`. Arguments as `local_windows`.
+
+  Returns:
+    IterDataset of dicts: 'images' (B,2,h,w) uint8, 'targets' (B,1,6) float32 pose vector of the
+    second frame relative to the first, 'sweep_index' (B,) int32, 'start' (B,) int32 (j).
+  """
+  source = SweepSource(records)
+  _check_crop(source, crop_hw)
+  return _pipeline(source, _ReadPair(float(skip_p), tuple(crop_hw), augment), seed=seed,
                    shuffle=shuffle, num_epochs=num_epochs,
                    per_process_batch=_per_process_batch(batch_size, shard_count),
                    num_workers=num_workers, shard_index=shard_index, shard_count=shard_count)

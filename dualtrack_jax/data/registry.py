@@ -19,6 +19,7 @@ import json
 import os
 
 from dualtrack_jax.data import sweeps
+from ultrasound_common import errors
 
 SWEEP_ID = 'sweep_id'
 PATH = 'processed_sweep_path'
@@ -31,7 +32,7 @@ DEFAULT_REGISTRY = '~/.config/dualtrack_jax/datasets.json'
 _INDEX_COLUMN_NAMES = ('', 'Unnamed: 0')
 
 
-class DatasetError(ValueError):
+class DatasetError(errors.InputError):
   """A sweep CSV or the registry is malformed or does not name what was asked for."""
 
 

@@ -23,6 +23,8 @@ import uuid
 import h5py
 import numpy as np
 
+from ultrasound_common import errors
+
 IMAGES = 'images'
 TRACKING = 'tracking'
 DIMENSIONS = 'dimensions'
@@ -36,9 +38,13 @@ LANDMARKS = 'landmarks'
 # rejects any real scaling or shear.
 RIGID_TOL = 1e-4
 DOWNSAMPLED_SIZE = 224
+# Frames may have at most this many pixels (4096 x 4096): a header that declares more is refused
+# before anything is read, rather than allocating gigabytes per frame (ultrasound frames have a
+# few hundred thousand; TUS-REC's are 480 x 640).
+MAX_FRAME_PIXELS = 16 * 2**20
 
 
-class SweepFileError(ValueError):
+class SweepFileError(errors.InputError):
   """A sweep file (or the arrays meant for one) is malformed; the message names file and key."""
 
   def __init__(self, path: str, key: str | None, problem: str):
@@ -137,6 +143,9 @@ def _validate_fields(path: str, fields: Mapping[str, object], require_tracking: 
   n, h, w = images.shape
   if n < 2:
     raise SweepFileError(path, IMAGES, f'a sweep needs at least 2 frames, got {n}')
+  if h * w > MAX_FRAME_PIXELS:
+    raise SweepFileError(path, IMAGES, f'frames of {h}x{w} pixels: more than the '
+                         f'{MAX_FRAME_PIXELS // 2**20} megapixels a frame may have')
 
   tracking = get(TRACKING, required=require_tracking)
   if tracking is not None:
@@ -356,7 +365,10 @@ class SweepReader:
     n = self.num_frames
     if not 0 <= start <= stop <= n:
       raise IndexError(f'{self._path}: frame range [{start}, {stop}) outside [0, {n}]')
-    return self._handle()[IMAGES][start:stop]
+    try:
+      return self._handle()[IMAGES][start:stop]
+    except OSError as e:  # A damaged compressed chunk, a file cut short.
+      raise SweepFileError(self._path, IMAGES, f'cannot read frames [{start}, {stop}): {e}') from e
 
   def _gather(self, key: str, indices) -> np.ndarray:
     idx = np.asarray(indices)
@@ -373,7 +385,10 @@ class SweepReader:
     # One read per frame straight into the output: ~100x faster than h5py fancy indexing
     # (measured: 150 of 300 480x640 frames in 16 ms vs 2.7 s), and any order works.
     for j, i in enumerate(idx.ravel()):
-      dataset.read_direct(out, np.s_[i], np.s_[j])
+      try:
+        dataset.read_direct(out, np.s_[i], np.s_[j])
+      except OSError as e:  # A damaged compressed chunk, a file cut short.
+        raise SweepFileError(self._path, key, f'cannot read frame {i}: {e}') from e
     return out.reshape(idx.shape + dataset.shape[1:])
 
   def images_at(self, indices) -> np.ndarray:

@@ -21,6 +21,7 @@ import dataclasses
 import numpy as np
 
 from dualtrack_jax import pose
+from ultrasound_common import errors
 
 IMAGE_KEYS = ('images', 'global_images')
 # Arrays whose first axis is the frame axis; reordering/subsampling applies to all of them. The
@@ -95,8 +96,9 @@ def random_subsample(item: dict, rng: np.random.Generator, keep_fraction: float 
   n = len(item['tracking'])
   keep = np.sort(rng.permutation(n)[:int(n * keep_fraction)])
   if len(keep) < 2:
-    raise ValueError(f'random_subsample: keeping {keep_fraction} of {n} frames leaves {len(keep)}, '
-                     'a sweep needs at least 2 frames')
+    raise errors.InputError(
+        f'random_subsample: keeping {keep_fraction} of {n} frames leaves {len(keep)}, '
+        'a sweep needs at least 2 frames')
   return select_frames(item, keep)
 
 
@@ -121,7 +123,8 @@ def random_crop_params(rng: np.random.Generator, image_hw: tuple[int, int],
 
 def _check_crop(image_hw, crop_hw) -> None:
   if not (0 < crop_hw[0] <= image_hw[0] and 0 < crop_hw[1] <= image_hw[1]):
-    raise ValueError(f'crop size {tuple(crop_hw)} does not fit in images of size {tuple(image_hw)}')
+    raise errors.InputError(
+        f'crop size {tuple(crop_hw)} does not fit in images of size {tuple(image_hw)}')
 
 
 def centred_pixel_to_image(scale: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
@@ -147,8 +150,8 @@ def crop(item: dict, top: int, left: int, crop_hw: tuple[int, int]) -> dict:
   _check_crop(item['images'].shape[-2:], crop_hw)
   p_in = np.asarray(item['pixel_to_image'], np.float64)
   if np.any(p_in[:3, :3] != np.diag(np.diag(p_in[:3, :3]))):
-    raise ValueError(f'crop: pixel_to_image must be an axis-aligned scale plus translation, '
-                     f'got {p_in.tolist()}')
+    raise errors.InputError(f'crop: pixel_to_image must be an axis-aligned scale plus translation, '
+                            f'got {p_in.tolist()}')
   scale = np.diag(p_in)[:3]
   p_crop = centred_pixel_to_image(scale, crop_hw)
   image_crop_to_pixel = np.diag([*(1.0 / scale), 1.0])  # inv(p_crop), written out exactly
@@ -238,7 +241,8 @@ def context_images(images: np.ndarray, border: int = CONTEXT_BORDER,
   """
   h, w = images.shape[-2:]
   if not (2 * border < h and 2 * border < w):
-    raise ValueError(f'context_images: a {border}-px border does not fit in frames of {(h, w)}')
+    raise errors.InputError(
+        f'context_images: a {border}-px border does not fit in frames of {(h, w)}')
   return resize(images[..., border:h - border, border:w - border], out_hw)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from dualtrack_jax.data import registry
 from dualtrack_jax.data import sweeps
+from ultrasound_common import errors
 
 FRAMES = 'frames'
 TFORMS = 'tforms'
@@ -156,8 +157,9 @@ def find_scans(data_dir: str) -> list[RawScan]:
   if os.path.isdir(frames_root) and os.path.isdir(tforms_root):
     roots.append((frames_root, tforms_root))
   if not roots:
-    raise FileNotFoundError(f'{data_dir}: no TUS-REC scans: expected a folder frames_transfs/ '
-                            f'(training layout) or frames/ and transfs/ (validation/test layout)')
+    raise errors.MissingFileError(
+        f'{data_dir}: no TUS-REC scans: expected a folder frames_transfs/ '
+        f'(training layout) or frames/ and transfs/ (validation/test layout)')
   scans = []
   for f_root, t_root in roots:
     for subject in sorted(os.listdir(f_root)):
@@ -172,8 +174,8 @@ def find_scans(data_dir: str) -> list[RawScan]:
         scan = name[:-len('.h5')]
         tforms_path = os.path.join(t_root, subject, name)
         if not os.path.isfile(tforms_path):
-          raise FileNotFoundError(f'{tforms_path}: missing (the tforms of '
-                                  f'{os.path.join(f_root, subject, name)})')
+          raise errors.MissingFileError(f'{tforms_path}: missing (the tforms of '
+                                        f'{os.path.join(f_root, subject, name)})')
         scans.append(RawScan(sweep_id=f'sub{subject}__{scan}',
                              frames_path=os.path.join(f_root, subject, name),
                              tforms_path=tforms_path, subject=subject, scan=scan,
@@ -218,8 +220,9 @@ def read_input_csv(csv_path: str) -> list[RawScan]:
 def default_split(subject: str | None) -> str:
   """Challenge convention: subjects 000-049 train, 050-052 val, others test."""
   if subject is None or not subject.isdigit():
-    raise ValueError(f'cannot derive the split from subject folder {subject!r} (not a number); '
-                     f'pass split= (--split) or a split column')
+    raise errors.InputError(
+        f'cannot derive the split from subject folder {subject!r} (not a number); '
+        f'pass split= (--split) or a split column')
   s = int(subject)
   return 'train' if s < 50 else 'val' if s <= 52 else 'test'
 
@@ -257,6 +260,40 @@ def read_raw_scan(scan: RawScan) -> tuple[np.ndarray, np.ndarray, np.ndarray | N
   return frames, tforms, landmarks
 
 
+# The challenge's test layout ships frames and landmarks without tforms (the organisers keep
+# them), so a submission reads each part on its own, with read_raw_scan's checks.
+
+
+def read_raw_frames(path: str) -> np.ndarray:
+  """The `frames` of a raw scan file: (N, H, W) uint8, N >= 2."""
+  frames = _read_dataset(path, FRAMES)
+  if frames.dtype != np.uint8 or frames.ndim != 3:
+    raise sweeps.SweepFileError(path, FRAMES, f'expected (N, H, W) uint8, got {frames.shape} '
+                                f'{frames.dtype}')
+  if len(frames) < 2:
+    raise sweeps.SweepFileError(path, FRAMES, f'fewer than 2 frames: {len(frames)}')
+  return frames
+
+
+def read_raw_tforms(path: str, num_frames: int) -> np.ndarray:
+  """The rigid (N, 4, 4) tool -> world `tforms` of a raw scan file of `num_frames` frames."""
+  tforms = _read_dataset(path, TFORMS)
+  if tforms.dtype.kind != 'f' or tforms.shape != (num_frames, 4, 4):
+    raise sweeps.SweepFileError(path, TFORMS, f'expected ({num_frames}, 4, 4) float (one per '
+                                f'frame), got {tforms.shape} {tforms.dtype}')
+  sweeps.check_rigid(path, TFORMS, tforms)
+  return tforms
+
+
+def read_raw_landmarks(path: str, scan: str) -> np.ndarray:
+  """The (L, 3) integer landmarks (frame, x, y) of `scan` in a landmark_<SSS>.h5 file."""
+  landmarks = _read_dataset(path, scan)
+  if landmarks.dtype.kind not in 'iu' or landmarks.ndim != 2 or landmarks.shape[1] != 3:
+    raise sweeps.SweepFileError(path, scan, f'expected (L, 3) integer landmarks, got '
+                                f'{landmarks.shape} {landmarks.dtype}')
+  return landmarks
+
+
 def convert_scans(scans: Sequence[RawScan], out_dir: str, *,
                   calibration: Calibration | None = None, split: str | None = None,
                   skip_existing: bool = False) -> str:
@@ -275,10 +312,10 @@ def convert_scans(scans: Sequence[RawScan], out_dir: str, *,
   """
   calibration = calibration or Calibration.tusrec_2024()
   if split is not None and split not in registry.SPLITS:
-    raise ValueError(f'unknown split {split!r}; allowed: {list(registry.SPLITS)}')
+    raise errors.InputError(f'unknown split {split!r}; allowed: {list(registry.SPLITS)}')
   ids = [s.sweep_id for s in scans]
   if len(set(ids)) != len(ids):
-    raise ValueError(f'duplicate sweep ids: {sorted({i for i in ids if ids.count(i) > 1})}')
+    raise errors.InputError(f'duplicate sweep ids: {sorted({i for i in ids if ids.count(i) > 1})}')
   # Resolved before converting anything, so that a scan without a split fails fast.
   splits = [scan.split or split or default_split(scan.subject) for scan in scans]
   out_dir = os.path.abspath(out_dir)
@@ -352,4 +389,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  errors.run(main, 'dualtrack_jax.data.tusrec')

@@ -29,6 +29,7 @@ from dualtrack_jax.data import sweeps
 from dualtrack_jax.data import transforms
 from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import transformer
+from ultrasound_common import errors
 
 # The metric the README and the original's checkpoint selection use ("GPE" of the paper's tables).
 GPE = 'ddf/5pt-avg_global_displacement_error'
@@ -240,7 +241,7 @@ def read_variables(path: str, checkpoint: str = 'best') -> dict[str, Any]:
     if checkpoint.isdigit():
       found = [(os.path.join(path, 'checkpoints'), int(checkpoint))]
     if not found:
-      raise FileNotFoundError(f'{path}: no checkpoint (looked in best/ and checkpoints/)')
+      raise errors.MissingFileError(f'{path}: no checkpoint (looked in best/ and checkpoints/)')
     directory, step = found[0]
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
@@ -304,7 +305,7 @@ class LocalExperimentBase:
     if not (cache and cache.enabled):
       return False
     if self.augmentation is not None:
-      raise ValueError(
+      raise errors.InputError(
           'config.feature_cache.enabled with config.data.augment set: cached features are those '
           'of the centre-cropped, unaugmented sweep, so no image augmentation can be applied; '
           'set config.data.augment = None or disable the cache')
@@ -319,13 +320,15 @@ class LocalExperimentBase:
     cache = self.config.feature_cache
     name = cache.source
     if name not in (self.config.get('init_from') or {}):
-      raise ValueError(f'config.feature_cache.source={name!r} is not a key of config.init_from '
-                       f'(has {sorted(self.config.get("init_from") or {})}); the cached features '
-                       'need the frozen weights of the previous stage')
+      raise errors.InputError(
+          f'config.feature_cache.source={name!r} is not a key of config.init_from '
+          f'(has {sorted(self.config.get("init_from") or {})}); the cached features '
+          'need the frozen weights of the previous stage')
     spec = self.config.init_from[name]
     if not spec.get('workdir'):
-      raise ValueError(f'config.init_from.{name}.workdir is empty: set it to the run folder of '
-                       'the previous stage')
+      raise errors.InputError(
+          f'config.init_from.{name}.workdir is empty: set it to the run folder of '
+          'the previous stage')
     variables = subtree(read_variables(spec.workdir, str(spec.get('checkpoint') or 'best')),
                         cache.prefix)
     key = feature_cache.cache_key(self.local, variables, self.crop)

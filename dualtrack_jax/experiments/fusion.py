@@ -30,6 +30,7 @@ from dualtrack_jax import losses
 from dualtrack_jax.experiments import common
 from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import transformer
+from ultrasound_common import errors
 
 
 class FusionFromFeatures(nn.Module):
@@ -48,7 +49,8 @@ class FusionFromFeatures(nn.Module):
     m = dualtrack.DualTrack(**self.model_kwargs)
     indices = dualtrack.regular_grid_indices(features.shape[1], m.grid_spacing)
     kw = dict(dropout=m.dropout, dtype=m.dtype, param_dtype=m.param_dtype)
-    local = common.LocalFromFeatures(m.local_encoder_kwargs(), name='local_encoder')(features, train=train)
+    local = common.LocalFromFeatures(m.local_encoder_kwargs(), name='local_encoder')(
+        features, train=train)
     context = dualtrack.GlobalEncoder(
         cnn_widths=m.global_cnn_widths, cnn_stem_width=m.global_cnn_stem_width, hidden=m.hidden,
         num_layers=m.global_layers, num_heads=m.global_heads, max_positions=m.max_positions,
@@ -79,9 +81,10 @@ class Experiment(common.SweepPrediction, common.LocalExperimentBase):
 
   def train_dataset(self, *, seed: int, shard_index: int, shard_count: int):
     if self.features_from_cache() and self.model.local_frozen != 'cnn+vit':
-      raise ValueError(f'config.feature_cache.enabled needs config.model.local_frozen='
-                       f"'cnn+vit' (got {self.model.local_frozen!r}): the cached features must "
-                       'not depend on parameters that train')
+      raise errors.InputError(
+          f'config.feature_cache.enabled needs config.model.local_frozen='
+          f"'cnn+vit' (got {self.model.local_frozen!r}): the cached features must "
+          'not depend on parameters that train')
     return self.whole_sweep_dataset(seed=seed, shard_index=shard_index, shard_count=shard_count)
 
   def _global(self, images) -> jax.Array:

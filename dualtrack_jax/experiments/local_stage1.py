@@ -34,7 +34,7 @@ class Experiment:
         widths=tuple(config.model.widths), stem_width=config.model.stem_width,
         temporal_kernels=tuple(config.model.temporal_kernels),
         target_mean=tuple(config.model.target_mean), target_std=tuple(config.model.target_std),
-        dtype=jnp.dtype(config.compute_dtype))
+        dtype=jnp.dtype(config.compute_dtype), causal=config.model.get('causal', False))
     self.train_records = self.val_records = self.evaluator = None
     if load_data:
       self.train_records = datasets.load_split(config.data, 'train')

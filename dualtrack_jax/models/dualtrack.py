@@ -39,6 +39,7 @@ from dualtrack_jax import tiling
 from dualtrack_jax.models import resnet2d
 from dualtrack_jax.models import resnet3d
 from dualtrack_jax.models import transformer
+from ultrasound_common import errors
 
 CNN_CHUNKING = (None, 'torch_chunk', 'exact_tiling')
 LOCAL_FROZEN = ('none', 'cnn', 'cnn+vit')
@@ -53,21 +54,21 @@ TUS_REC_2025 = types.MappingProxyType(
 def regular_grid_indices(num_frames: int, spacing: int = 16) -> np.ndarray:
   """The global encoder's frames (`RegularGridSampler`): 0, spacing, 2 spacing, ... < num_frames."""
   if num_frames < 1 or spacing < 1:
-    raise ValueError(f'regular_grid_indices: need num_frames >= 1 and spacing >= 1, got '
-                     f'{num_frames}, {spacing}')
+    raise errors.InputError(f'regular_grid_indices: need num_frames >= 1 and spacing >= 1, got '
+                            f'{num_frames}, {spacing}')
   return np.arange(0, num_frames, spacing, dtype=np.int32)
 
 
 def _frames(images: jax.Array, module: str, field: str) -> jax.Array:
   """(B, T, H, W[, 1]) float frames -> (B, T, H, W, 1)."""
   if not jnp.issubdtype(images.dtype, jnp.floating):
-    raise ValueError(f'{module}: {field} must be float in [0, 1], got {images.dtype} '
-                     '(divide uint8 frames by 255 first)')
+    raise errors.InputError(f'{module}: {field} must be float in [0, 1], got {images.dtype} '
+                            '(divide uint8 frames by 255 first)')
   if images.ndim == 4:
     images = images[..., None]
   if images.ndim != 5 or images.shape[-1] != 1:
-    raise ValueError(f'{module}: {field} must be (B, T, H, W) or (B, T, H, W, 1), '
-                     f'got shape {images.shape}')
+    raise errors.InputError(f'{module}: {field} must be (B, T, H, W) or (B, T, H, W, 1), '
+                            f'got shape {images.shape}')
   return images
 
 
@@ -128,20 +129,23 @@ class LocalEncoder(nn.Module):
 
   def _check(self, num_frames: int) -> None:
     if self.stage not in (2, 3):
-      raise ValueError(f'LocalEncoder: stage must be 2 or 3, got {self.stage} (stage 1 is '
-                       'local_encoder.LocalEncoderStage1)')
+      raise errors.InputError(f'LocalEncoder: stage must be 2 or 3, got {self.stage} (stage 1 is '
+                              'local_encoder.LocalEncoderStage1)')
     if self.frozen not in LOCAL_FROZEN:
-      raise ValueError(f'LocalEncoder: frozen must be one of {LOCAL_FROZEN}, got {self.frozen!r}')
+      raise errors.InputError(
+          f'LocalEncoder: frozen must be one of {LOCAL_FROZEN}, got {self.frozen!r}')
     if self.cnn_chunking not in CNN_CHUNKING:
-      raise ValueError(f'LocalEncoder: cnn_chunking must be one of {CNN_CHUNKING}, got '
-                       f'{self.cnn_chunking!r}')
+      raise errors.InputError(f'LocalEncoder: cnn_chunking must be one of {CNN_CHUNKING}, got '
+                              f'{self.cnn_chunking!r}')
     if (self.cnn_chunking is None) != (self.max_subsequence is None):
-      raise ValueError('LocalEncoder: max_subsequence is needed by, and only by, cnn_chunking '
-                       f'(cnn_chunking={self.cnn_chunking!r}, '
-                       f'max_subsequence={self.max_subsequence})')
+      raise errors.InputError(
+          'LocalEncoder: max_subsequence is needed by, and only by, cnn_chunking '
+          f'(cnn_chunking={self.cnn_chunking!r}, '
+          f'max_subsequence={self.max_subsequence})')
     if self.stage == 3 and num_frames > self.max_positions:
-      raise ValueError(f'LocalEncoder: {num_frames} frames > {self.max_positions} positions of '
-                       'the temporal BERT (max_positions); the sweep is too long')
+      raise errors.InputError(
+          f'LocalEncoder: {num_frames} frames > {self.max_positions} positions of '
+          'the temporal BERT (max_positions); the sweep is too long')
 
   def _cnn_features(self, cnn: resnet3d.VideoResNet, frames: jax.Array,
                     train: bool) -> jax.Array:
@@ -151,9 +155,10 @@ class LocalEncoder(nn.Module):
       return tiling.chunked_temporal_apply(lambda x: cnn(x, train=train), frames,
                                            max_len=self.max_subsequence)
     if train:
-      raise ValueError("LocalEncoder: cnn_chunking='exact_tiling' needs the CNN's batch norm in "
-                       "eval mode (train=False or a frozen CNN): the batch statistics of tiles "
-                       'are not those of the sweep')
+      raise errors.InputError(
+          "LocalEncoder: cnn_chunking='exact_tiling' needs the CNN's batch norm in "
+          "eval mode (train=False or a frozen CNN): the batch statistics of tiles "
+          'are not those of the sweep')
     if self.is_initializing():
       return cnn(frames)
     # The tiles run in a lax.map under jit, where a bound Flax module cannot be called: apply an
@@ -254,13 +259,15 @@ class GlobalEncoder(nn.Module):
     frames = _frames(images, 'GlobalEncoder', 'images')
     batch, num_frames = frames.shape[:2]
     if indices.shape not in ((num_frames,), (batch, num_frames)):
-      raise ValueError(f'GlobalEncoder: indices must be ({num_frames},) or ({batch}, '
-                       f'{num_frames}) for images of shape {images.shape}, got {indices.shape}')
+      raise errors.InputError(
+          f'GlobalEncoder: indices must be ({num_frames},) or ({batch}, '
+          f'{num_frames}) for images of shape {images.shape}, got {indices.shape}')
     if not isinstance(indices, jax.core.Tracer) and indices.size:
       low, high = int(np.min(indices)), int(np.max(indices))
       if low < 0 or high >= self.max_positions:
-        raise ValueError(f'GlobalEncoder: frame index {high if low >= 0 else low} is outside the '
-                         f'{self.max_positions} rows of pos_emb (max_positions)')
+        raise errors.InputError(
+            f'GlobalEncoder: frame index {high if low >= 0 else low} is outside the '
+            f'{self.max_positions} rows of pos_emb (max_positions)')
     maps = resnet2d.ImageResNet(self.cnn_widths, self.cnn_stem_width, self.dtype,
                                 self.param_dtype, name='backbone')(
         frames.reshape(batch * num_frames, *frames.shape[2:]),
@@ -365,8 +372,8 @@ class DualTrack(nn.Module):
     global_images = _frames(global_images, 'DualTrack', 'global_images')
     batch, num_frames = local_images.shape[:2]
     if global_images.shape[0] != batch:
-      raise ValueError(f'DualTrack: global_images has batch {global_images.shape[0]}, '
-                       f'local_images {batch}')
+      raise errors.InputError(f'DualTrack: global_images has batch {global_images.shape[0]}, '
+                              f'local_images {batch}')
     if global_images.shape[1] == num_frames:
       # The frames at regular_grid_indices, as a strided slice: also for a symbolic num_frames
       # (jax.export), for which the checks below are the export's shape constraints instead.
@@ -374,15 +381,16 @@ class DualTrack(nn.Module):
     if isinstance(num_frames, int):
       # Refuse before any computation what the torch model only finds deep inside (IndexError).
       if num_frames < 2:
-        raise ValueError(f'DualTrack: a sweep needs at least 2 frames, got {num_frames}')
+        raise errors.InputError(f'DualTrack: a sweep needs at least 2 frames, got {num_frames}')
       if num_frames > self.max_positions:
-        raise ValueError(f'DualTrack: {num_frames} frames > {self.max_positions} positions '
-                         '(max_positions) of the position tables; the sweep is too long')
+        raise errors.InputError(f'DualTrack: {num_frames} frames > {self.max_positions} positions '
+                                '(max_positions) of the position tables; the sweep is too long')
       grid = len(regular_grid_indices(num_frames, self.grid_spacing))
       if global_images.shape[1] != grid:
-        raise ValueError(f'DualTrack: global_images must hold all {num_frames} frames or the '
-                         f'{grid} frames at regular_grid_indices({num_frames}, '
-                         f'{self.grid_spacing}), got {global_images.shape[1]}')
+        raise errors.InputError(
+            f'DualTrack: global_images must hold all {num_frames} frames or the '
+            f'{grid} frames at regular_grid_indices({num_frames}, '
+            f'{self.grid_spacing}), got {global_images.shape[1]}')
     indices = jnp.arange(global_images.shape[1], dtype=jnp.int32) * self.grid_spacing
     kw = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
     local = LocalEncoder(**self.local_encoder_kwargs(), name='local_encoder')(

@@ -31,7 +31,9 @@ class LocalEncoderStage1(nn.Module):
 
   Attributes: as `resnet3d.VideoResNet` (widths, stem_width, temporal_kernels, dtype, param_dtype),
   and `target_mean`, `target_std`: the pose is `fc(features) * target_std + target_mean`, so `fc`
-  regresses standardised targets. None (the original) is `fc(features)` itself.
+  regresses standardised targets. None (the original) is `fc(features)` itself. `causal`: the
+  CNN's temporal convs see past frames only (`vidrn18_small_window_trck_reg_causal`, the hybrid
+  transformer baseline's CNN).
   The pooled features and `fc` are computed in float32 whatever `dtype` is: the head is tiny and
   its outputs are regressed in mm and degrees.
   """
@@ -42,6 +44,7 @@ class LocalEncoderStage1(nn.Module):
   target_std: Sequence[float] | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = False
 
   @property
   def temporal_radius(self) -> int:
@@ -74,7 +77,7 @@ class LocalEncoderStage1(nn.Module):
                        f'got shape {images.shape}')
     features = resnet3d.VideoResNet(
         self.widths, self.stem_width, self.temporal_kernels, dtype=self.dtype,
-        param_dtype=self.param_dtype, name='backbone')(images, train=train)
+        param_dtype=self.param_dtype, causal=self.causal, name='backbone')(images, train=train)
     pooled = features.astype(jnp.float32).mean(axis=(2, 3))
     poses = nn.Dense(6, kernel_init=_torch_linear_init(pooled.shape[-1]),
                      bias_init=_torch_linear_init(pooled.shape[-1]), param_dtype=self.param_dtype,

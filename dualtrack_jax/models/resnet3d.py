@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-import ultrasound_nn.batch_norm
+import ultrasound_common.batch_norm
 
 # Temporal kernel size of the 3x3x3 convolutions in layer1..layer4.
 LARGE_WINDOW = (3, 3, 3, 3)  # `video_rn18_base`, used by both released checkpoints.
@@ -53,13 +53,16 @@ def unchunked() -> Iterator[None]:
 class FrameConv(nn.Module):
   """Bias-free 3D conv of temporal stride 1 (`frame_conv`), with symmetric zero padding k // 2.
 
-  The parameter is the same `kernel` (kT, kH, kW, I, O) that nn.Conv would hold.
+  The parameter is the same `kernel` (kT, kH, kW, I, O) that nn.Conv would hold. With `causal`,
+  its taps after the centre are zeroed in the forward pass, as the original's `CausalConv3d`
+  (which zeroes them in its weight before every call): output t sees frames t - kT // 2 .. t.
   """
   features: int
   kernel: Sequence[int]
   strides: Sequence[int]
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -67,6 +70,8 @@ class FrameConv(nn.Module):
       raise ValueError(f'FrameConv: temporal stride must be 1, got {self.strides}')
     kernel = self.param('kernel', _KAIMING_FAN_OUT, (*self.kernel, x.shape[-1], self.features),
                         self.param_dtype)
+    if self.causal:
+      kernel = jnp.asarray(kernel).at[self.kernel[0] // 2 + 1:].set(0)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     return frame_conv(x, kernel, tuple(self.strides[1:]))
 
@@ -155,7 +160,7 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def conv(features: int, kernel: Sequence[int], strides: Sequence[int], *, name: str,
-         dtype: Any, param_dtype: Any) -> nn.Module:
+         dtype: Any, param_dtype: Any, causal: bool = False) -> nn.Module:
   """Bias-free conv (2D, or 3D as `FrameConv`) with torch's symmetric zero padding k // 2.
 
   Explicit pairs, not "SAME": "SAME" pads stride-2 convs on even sizes asymmetrically (0 before,
@@ -163,17 +168,17 @@ def conv(features: int, kernel: Sequence[int], strides: Sequence[int], *, name: 
   """
   if len(kernel) == 3:
     return FrameConv(features, tuple(kernel), tuple(strides), dtype=dtype,
-                     param_dtype=param_dtype, name=name)
+                     param_dtype=param_dtype, causal=causal, name=name)
   return nn.Conv(features, tuple(kernel), strides=tuple(strides),
                  padding=tuple((k // 2, k // 2) for k in kernel), use_bias=False,
                  kernel_init=_KAIMING_FAN_OUT, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def batch_norm(*, train: bool, name: str, dtype: Any,
-               param_dtype: Any) -> ultrasound_nn.batch_norm.BatchNorm:
+               param_dtype: Any) -> ultrasound_common.batch_norm.BatchNorm:
   """torch's BatchNorm (momentum 0.1, eps 1e-5): its unbiased running-variance update included."""
   # Flax momentum weights the old statistic: 0.9 here is torch's momentum=0.1.
-  return ultrasound_nn.batch_norm.BatchNorm(use_running_average=not train, momentum=0.9,
+  return ultrasound_common.batch_norm.BatchNorm(use_running_average=not train, momentum=0.9,
                                             epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
                                             name=name)
 
@@ -185,11 +190,12 @@ class ConvBN(nn.Module):
   strides: Sequence[int]
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = conv(self.features, self.kernel, self.strides, name='0', **kw)(x)
+    x = conv(self.features, self.kernel, self.strides, name='0', causal=self.causal, **kw)(x)
     return batch_norm(train=train, name='1', **kw)(x)
 
 
@@ -197,13 +203,15 @@ class BasicBlock(nn.Module):
   """torchvision BasicBlock: relu(conv2(conv1(x)) + shortcut(x)).
 
   `kernel` is (kT, 3, 3) in the video network and (3, 3) in the per-frame 2D one. The first block
-  of layers 2-4 halves H and W in `conv1` and in a 1x1(x1) `downsample` shortcut.
+  of layers 2-4 halves H and W in `conv1` and in a 1x1(x1) `downsample` shortcut. `causal` makes
+  conv1 and conv2 causal in time (`FrameConv`).
   """
   features: int
   kernel: Sequence[int]
   spatial_stride: int = 1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -211,8 +219,8 @@ class BasicBlock(nn.Module):
                                 param_dtype=self.param_dtype)
     ones = (1,) * len(self.kernel)
     strides = ones[:-2] + (self.spatial_stride, self.spatial_stride)
-    y = nn.relu(conv_bn(self.kernel, strides, name='conv1')(x, train))
-    y = conv_bn(self.kernel, ones, name='conv2')(y, train)
+    y = nn.relu(conv_bn(self.kernel, strides, causal=self.causal, name='conv1')(x, train))
+    y = conv_bn(self.kernel, ones, causal=self.causal, name='conv2')(y, train)
     if self.spatial_stride != 1 or x.shape[-1] != self.features:
       x = conv_bn(ones, strides, name='downsample')(x, train)
     return nn.relu(y + x)
@@ -221,19 +229,21 @@ class BasicBlock(nn.Module):
 class Stem(nn.Module):
   """R(2+1)D stem: (1, 7, 7) stride (1, 2, 2) conv, BN, ReLU, (3, 1, 1) conv, BN, ReLU.
 
-  Children '0', '1', '3', '4' as in torch (indices 2 and 5 are the parameter-free ReLUs).
+  Children '0', '1', '3', '4' as in torch (indices 2 and 5 are the parameter-free ReLUs). With
+  `causal`, the temporal conv sees frames t - 1 and t only (the original's `CausalR2Plus1dStem`).
   """
   width: int
   features: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = conv(self.width, (1, 7, 7), (1, 2, 2), name='0', **kw)(x)
     x = nn.relu(batch_norm(train=train, name='1', **kw)(x))
-    x = conv(self.features, (3, 1, 1), (1, 1, 1), name='3', **kw)(x)
+    x = conv(self.features, (3, 1, 1), (1, 1, 1), name='3', causal=self.causal, **kw)(x)
     return nn.relu(batch_norm(train=train, name='4', **kw)(x))
 
 
@@ -244,11 +254,12 @@ class ResLayer(nn.Module):
   spatial_stride: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     block = functools.partial(BasicBlock, self.features, self.kernel, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+                              param_dtype=self.param_dtype, causal=self.causal)
     x = block(self.spatial_stride, name='0')(x, train)
     return block(1, name='1')(x, train)
 
@@ -264,12 +275,16 @@ class VideoResNet(nn.Module):
     temporal_kernels: temporal kernel size of the 3x3x3-type convs of each layer; odd.
     dtype: computation dtype (e.g. jnp.bfloat16); batch statistics are still computed in float32.
     param_dtype: parameter dtype.
+    causal: every temporal conv sees the current and past frames only (the original's causal
+      variants, `causal_video_rn18_2_frames` and `vidrn18_small_window_trck_reg_causal`);
+      `temporal_radius` then bounds the past context, and there is no future context.
   """
   widths: Sequence[int] = (64, 128, 256, 512)
   stem_width: int = 45
   temporal_kernels: Sequence[int] = LARGE_WINDOW
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = False
 
   @property
   def temporal_radius(self) -> int:
@@ -293,7 +308,8 @@ class VideoResNet(nn.Module):
       raise ValueError('VideoResNet: temporal_kernels must be odd (symmetric padding keeps T), '
                        f'got {tuple(self.temporal_kernels)}')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = Stem(self.stem_width, self.widths[0], name='stem', **kw)(x, train)
+    x = Stem(self.stem_width, self.widths[0], causal=self.causal, name='stem', **kw)(x, train)
     for i, (width, kt) in enumerate(zip(self.widths, self.temporal_kernels)):
-      x = ResLayer(width, (kt, 3, 3), 1 if i == 0 else 2, name=f'layer{i + 1}', **kw)(x, train)
+      x = ResLayer(width, (kt, 3, 3), 1 if i == 0 else 2, causal=self.causal,
+                   name=f'layer{i + 1}', **kw)(x, train)
     return x

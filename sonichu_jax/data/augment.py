@@ -28,6 +28,7 @@ import numpy as np
 
 from sonichu_jax import preprocess
 from sonichu_jax import tasks
+from ultrasound_common import errors
 
 SIZE = preprocess.IMAGE_SIZE
 
@@ -64,8 +65,9 @@ class AugmentConfig:
       tasks.get_task(name)
     if not (0 < self.scale[0] <= self.scale[1] and 0 < self.gamma[0] <= self.gamma[1]
             and self.contrast[0] <= self.contrast[1]):
-      raise ValueError(f'AugmentConfig: ranges must be (low, high) with 0 < low <= high, got scale '
-                       f'{self.scale}, gamma {self.gamma}, contrast {self.contrast}')
+      raise errors.InputError(
+          f'AugmentConfig: ranges must be (low, high) with 0 < low <= high, got scale '
+          f'{self.scale}, gamma {self.gamma}, contrast {self.contrast}')
 
 
 def flip_matrix() -> np.ndarray:
@@ -162,17 +164,19 @@ def prepare(image: np.ndarray, keypoints: np.ndarray, visible: np.ndarray, task:
   keypoints = np.asarray(keypoints, np.float64)
   visible = np.asarray(visible, bool)
   if image.ndim != 2 or image.dtype != np.uint8:
-    raise ValueError(f'prepare: expected an (H, W) uint8 image, got {image.shape} {image.dtype}')
+    raise errors.InputError(
+        f'prepare: expected an (H, W) uint8 image, got {image.shape} {image.dtype}')
   if keypoints.shape != (spec.num_keypoints, 2) or visible.shape != (spec.num_keypoints,):
-    raise ValueError(f'prepare: task {task} needs keypoints ({spec.num_keypoints}, 2) and visible '
-                     f'({spec.num_keypoints},), got {keypoints.shape} and {visible.shape}')
+    raise errors.InputError(
+        f'prepare: task {task} needs keypoints ({spec.num_keypoints}, 2) and visible '
+        f'({spec.num_keypoints},), got {keypoints.shape} and {visible.shape}')
   image_hw = image.shape
   points = preprocess.to_normalised(keypoints, image_hw) * SIZE
   if config is None:
     pixels, _ = preprocess.preprocess(image)
   else:
     if rng is None:
-      raise ValueError('prepare: augmentation needs an rng')
+      raise errors.InputError('prepare: augmentation needs an rng')
     # The same stretch as preprocess, on [0, 1] values; augmenting then normalising it (whose
     # resize of a SIZE x SIZE image is the identity) equals preprocess when nothing is drawn.
     gray = preprocess.resize_bilinear(image[..., None] / np.float32(255.0), (SIZE, SIZE))[..., 0]

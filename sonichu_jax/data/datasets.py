@@ -14,6 +14,7 @@ import ml_collections
 
 from sonichu_jax.data import fmuia
 from sonichu_jax.data import synthetic
+from ultrasound_common import errors
 
 SYNTHETIC = 'synthetic'
 SPLITS = ('train', 'val')
@@ -28,7 +29,7 @@ def _synthetic_root(spec: ml_collections.ConfigDict) -> str:
   try:
     config = synthetic.SyntheticConfig(**overrides)
   except TypeError as e:
-    raise ValueError(f'config.data.synthetic.generator: {e}') from e
+    raise errors.InputError(f'config.data.synthetic.generator: {e}') from e
   cache = spec.get('cache_dir') or os.environ.get(CACHE_ENV) or DEFAULT_CACHE
   return synthetic.ensure_dataset(os.path.join(os.path.expanduser(cache), 'synthetic'),
                                   config=config, num_train=spec.num_train,
@@ -38,7 +39,7 @@ def _synthetic_root(spec: ml_collections.ConfigDict) -> str:
 def load_split(data: ml_collections.ConfigDict, split: str) -> list[fmuia.KeypointRecord]:
   """The records of `split` ('train' or 'val') of `config.data`."""
   if split not in SPLITS:
-    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+    raise errors.InputError(f'split must be one of {SPLITS}, got {split!r}')
   root = _synthetic_root(data.synthetic) if data.dataset == SYNTHETIC else data.dataset
   task_names = data.get('tasks') or None
   if data.get('fair_split', False):

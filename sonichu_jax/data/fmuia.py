@@ -36,7 +36,9 @@ import os
 import numpy as np
 from PIL import Image
 
+from sonichu_jax import preprocess
 from sonichu_jax import tasks
+from ultrasound_common import errors
 
 CSV_DIR = 'csv_files'
 REGRESSION = 'Regression'
@@ -49,7 +51,7 @@ def point_column(i: int) -> str:
   return f'point_{i + 1}_xy'
 
 
-class AnnotationError(ValueError):
+class AnnotationError(errors.InputError):
   """A keypoint CSV or an image it names is malformed; the message names file, line and column."""
 
   def __init__(self, path: str, message: str, *, line: int | None = None,
@@ -104,13 +106,11 @@ def image_size(path: str) -> tuple[int, int]:
 
 
 def read_image(record: KeypointRecord) -> np.ndarray:
-  """The record's image as (H, W) uint8 grayscale (colour is converted to ITU-R 601 luminance)."""
+  """The record's image as (H, W) uint8 grayscale (`preprocess.read_gray`: any bit depth)."""
   try:
-    with Image.open(record.image_path) as image:
-      pixels = np.asarray(image.convert('L'))
-  except OSError as e:
-    raise AnnotationError(record.source, f'cannot read image {record.image_path}: {e}',
-                          column=IMAGE_PATH) from e
+    pixels = preprocess.read_gray(record.image_path)
+  except errors.InputError as e:
+    raise AnnotationError(record.source, str(e), column=IMAGE_PATH) from e
   if pixels.shape != record.image_hw:
     raise AnnotationError(record.source, f'image {record.image_path} is now {pixels.shape}, '
                           f'was {record.image_hw} when the CSV was read', column=IMAGE_PATH)
@@ -216,8 +216,8 @@ def write_csv(csv_path: str | os.PathLike, rows: Sequence[tuple[str, str, np.nda
     for ref, task, keypoints in rows:
       k = tasks.get_task(task).num_keypoints
       if np.shape(keypoints) != (k, 2) or not np.all(np.isfinite(keypoints)):
-        raise ValueError(f'write_csv: {ref}: keypoints must be finite ({k}, 2), got '
-                         f'{np.shape(keypoints)}')
+        raise errors.InputError(f'write_csv: {ref}: keypoints must be finite ({k}, 2), got '
+                                f'{np.shape(keypoints)}')
       points = [json.dumps([round(float(x), 3), round(float(y), 3)]) for x, y in keypoints]
       writer.writerow([ref, task, REGRESSION, k] + points + [''] * (max_k - k))
 
@@ -230,7 +230,7 @@ def fair_split(records: Sequence[KeypointRecord], val_fraction: float = 0.15,
   NumPy's default_rng(seed), so its validation samples are not the card's. Order is kept.
   """
   if not 0.0 < val_fraction < 1.0:
-    raise ValueError(f'val_fraction must be in (0, 1), got {val_fraction}')
+    raise errors.InputError(f'val_fraction must be in (0, 1), got {val_fraction}')
   num_val = int(round(len(records) * val_fraction))
   held = set(np.random.default_rng(seed).permutation(len(records))[:num_val].tolist())
   train = [r for i, r in enumerate(records) if i not in held]

@@ -47,6 +47,7 @@ import numpy as np
 from sonichu_jax import tasks
 from sonichu_jax.data import augment
 from sonichu_jax.data import fmuia
+from ultrasound_common import errors
 
 MAX_KEYPOINTS = max(t.num_keypoints for t in tasks.TASKS)
 # Effectively endless training streams: a MapDataset needs a length; nothing is materialised.
@@ -60,7 +61,7 @@ def batch_task(batch: dict) -> str:
   """The task name of a host batch; raises ValueError if its rows mix tasks."""
   ids = np.unique(np.asarray(batch['task']))
   if ids.size != 1:
-    raise ValueError(f'batch mixes tasks {[tasks.TASK_NAMES[i] for i in ids]}')
+    raise errors.InputError(f'batch mixes tasks {[tasks.TASK_NAMES[i] for i in ids]}')
   return tasks.TASK_NAMES[int(ids[0])]
 
 
@@ -77,7 +78,7 @@ def task_probabilities(records: Sequence[fmuia.KeypointRecord],
     counts[record.task] += 1
   weights = {name: n ** task_exponent for name, n in counts.items() if n}
   if not weights:
-    raise ValueError('no records')
+    raise errors.InputError('no records')
   total = sum(weights.values())
   return {name: w / total for name, w in weights.items()}
 
@@ -172,7 +173,7 @@ class _EvalSlots:
         chunk = members[start:start + batch_size]
         self._steps.append((task_id, chunk + [-1] * (batch_size - len(chunk))))
     if not self._steps:
-      raise ValueError('eval_batches: no records')
+      raise errors.InputError('eval_batches: no records')
     self._per_process = batch_size // shard_count
     self._first_row = shard_index * self._per_process
 
@@ -213,10 +214,11 @@ class _Read(grain.transforms.Map):
 
 def _per_process_batch(batch_size: int, shard_index: int, shard_count: int) -> int:
   if not 0 <= shard_index < shard_count:
-    raise ValueError(f'shard_index {shard_index} outside [0, shard_count={shard_count})')
+    raise errors.InputError(f'shard_index {shard_index} outside [0, shard_count={shard_count})')
   if batch_size <= 0 or batch_size % shard_count:
-    raise ValueError(f'The global batch size {batch_size} must be a positive multiple of the '
-                     f'number of processes {shard_count}.')
+    raise errors.InputError(
+        f'The global batch size {batch_size} must be a positive multiple of the '
+        f'number of processes {shard_count}.')
   return batch_size // shard_count
 
 

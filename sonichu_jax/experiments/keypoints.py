@@ -42,6 +42,7 @@ from sonichu_jax.data import fmuia
 from sonichu_jax.data import pipeline
 from sonichu_jax.models import heads as heads_lib
 from sonichu_jax.models import sonichu
+from ultrasound_common import errors
 
 LOSSES = ('l1', 'radial')
 MAX_KEYPOINTS = pipeline.MAX_KEYPOINTS
@@ -119,7 +120,7 @@ def keypoint_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, image_hw:
     scale = image_hw[:, None, ::-1].astype(jnp.float32)  # (W0, H0) per image.
     per_point = jnp.sqrt(jnp.sum(jnp.square(diff * scale), axis=-1) + _RADIAL_EPS)
   else:
-    raise ValueError(f'config.loss: unknown loss {kind!r}; expected one of {LOSSES}')
+    raise errors.InputError(f'config.loss: unknown loss {kind!r}; expected one of {LOSSES}')
   return jnp.sum(per_point * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -129,7 +130,8 @@ class Experiment:
   def __init__(self, config: ml_collections.ConfigDict, *, load_data: bool = True):
     """Builds the model and, unless `load_data` is False (prediction only), the records."""
     if config.loss not in LOSSES:
-      raise ValueError(f'config.loss: unknown loss {config.loss!r}; expected one of {LOSSES}')
+      raise errors.InputError(
+          f'config.loss: unknown loss {config.loss!r}; expected one of {LOSSES}')
     self.config = config
     self.model = build_model(config)
     self._heads = [heads_lib.ViTPoseHead(t.num_keypoints, config.model.head_filters,
@@ -290,7 +292,7 @@ class Experiment:
       means = self._mean_keypoints()
       missing = sorted(set(target) - set(means))
       if missing:
-        raise ValueError(f'config.data: validation tasks {missing} have no training records')
+        raise errors.InputError(f'config.data: validation tasks {missing} have no training records')
       baseline_pred = {k: np.stack([preprocess.to_pixels(means[k], r.image_hw) for r in rs])
                        for k, rs in records.items()}
       summary = metrics.evaluate(baseline_pred, target, visible)

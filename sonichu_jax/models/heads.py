@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ultrasound_nn import batch_norm
+from ultrasound_common import batch_norm
 
 
 class ViTPoseHead(nn.Module):
