@@ -237,33 +237,6 @@ def _read_dataset(path: str, key: str) -> np.ndarray:
     raise sweeps.SweepFileError(path, None, f'not a readable HDF5 file: {e}') from e
 
 
-def read_raw_scan(scan: RawScan) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-  """Reads and checks a raw scan: frames (N, H, W) uint8, tforms (N, 4, 4) rigid, landmarks."""
-  frames = _read_dataset(scan.frames_path, FRAMES)
-  if frames.dtype != np.uint8 or frames.ndim != 3:
-    raise sweeps.SweepFileError(scan.frames_path, FRAMES, f'expected (N, H, W) uint8, got '
-                                f'{frames.shape} {frames.dtype}')
-  if len(frames) < 2:
-    raise sweeps.SweepFileError(scan.frames_path, FRAMES, f'fewer than 2 frames: {len(frames)}')
-  tforms = _read_dataset(scan.tforms_path, TFORMS)
-  if tforms.dtype.kind != 'f' or tforms.shape != (len(frames), 4, 4):
-    raise sweeps.SweepFileError(
-        scan.tforms_path, TFORMS, f'expected ({len(frames)}, 4, 4) float (one per frame of '
-        f'{scan.frames_path}), got {tforms.shape} {tforms.dtype}')
-  sweeps.check_rigid(scan.tforms_path, TFORMS, tforms)
-  landmarks = None
-  if scan.landmarks_path is not None:
-    landmarks = _read_dataset(scan.landmarks_path, scan.scan)
-    if landmarks.dtype.kind not in 'iu' or landmarks.ndim != 2 or landmarks.shape[1] != 3:
-      raise sweeps.SweepFileError(scan.landmarks_path, scan.scan, f'expected (L, 3) integer '
-                                  f'landmarks, got {landmarks.shape} {landmarks.dtype}')
-  return frames, tforms, landmarks
-
-
-# The challenge's test layout ships frames and landmarks without tforms (the organisers keep
-# them), so a submission reads each part on its own, with read_raw_scan's checks.
-
-
 def read_raw_frames(path: str) -> np.ndarray:
   """The `frames` of a raw scan file: (N, H, W) uint8, N >= 2."""
   frames = _read_dataset(path, FRAMES)
@@ -275,12 +248,14 @@ def read_raw_frames(path: str) -> np.ndarray:
   return frames
 
 
-def read_raw_tforms(path: str, num_frames: int) -> np.ndarray:
-  """The rigid (N, 4, 4) tool -> world `tforms` of a raw scan file of `num_frames` frames."""
+def read_raw_tforms(path: str, num_frames: int, frames_path: str | None = None) -> np.ndarray:
+  """The rigid (N, 4, 4) tool -> world `tforms` of a raw scan file of `num_frames` frames
+  (those of `frames_path`, named in the error when the frames live in another file)."""
   tforms = _read_dataset(path, TFORMS)
   if tforms.dtype.kind != 'f' or tforms.shape != (num_frames, 4, 4):
+    of = f' of {frames_path}' if frames_path else ''
     raise sweeps.SweepFileError(path, TFORMS, f'expected ({num_frames}, 4, 4) float (one per '
-                                f'frame), got {tforms.shape} {tforms.dtype}')
+                                f'frame{of}), got {tforms.shape} {tforms.dtype}')
   sweeps.check_rigid(path, TFORMS, tforms)
   return tforms
 
@@ -292,6 +267,19 @@ def read_raw_landmarks(path: str, scan: str) -> np.ndarray:
     raise sweeps.SweepFileError(path, scan, f'expected (L, 3) integer landmarks, got '
                                 f'{landmarks.shape} {landmarks.dtype}')
   return landmarks
+
+
+def read_raw_scan(scan: RawScan) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """Reads and checks a raw scan: frames (N, H, W) uint8, tforms (N, 4, 4) rigid, landmarks.
+
+  The challenge's test layout ships frames and landmarks without tforms (the organisers keep
+  them), so a submission calls the three readers on their own.
+  """
+  frames = read_raw_frames(scan.frames_path)
+  tforms = read_raw_tforms(scan.tforms_path, len(frames), scan.frames_path)
+  landmarks = (None if scan.landmarks_path is None
+               else read_raw_landmarks(scan.landmarks_path, scan.scan))
+  return frames, tforms, landmarks
 
 
 def convert_scans(scans: Sequence[RawScan], out_dir: str, *,
