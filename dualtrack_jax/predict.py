@@ -86,20 +86,28 @@ def _write_poses(path: str, vectors, relative, pred_global, gt_global, pixel_to_
       f[key].attrs['meaning'] = meaning
 
 
+def predict_poses(run: Any, reader: sweeps.SweepReader, source: str
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The run's (N-1, 6) relative pose vectors of a sweep, checked (shape, finite), with their
+  (N-1, 4, 4) relative and (N, 4, 4) global transforms; errors name `source`."""
+  n = reader.num_frames
+  vectors = np.asarray(run.experiment.predict_sweep(run.variables, reader), np.float64)
+  if vectors.shape != (n - 1, 6) or not np.all(np.isfinite(vectors)):
+    raise errors.InputError(
+        f'{source}: the model predicted pose vectors of shape {vectors.shape}'
+        f'{"" if np.all(np.isfinite(vectors)) else " with NaN or inf"}; expected '
+        f'({n - 1}, 6) finite values for {n} frames')
+  relative = pose.pose_vector_to_matrix(vectors)
+  return vectors, relative, pose.compose_relative(relative)
+
+
 def write_outputs(run: Any, sweep_id: str, reader: sweeps.SweepReader, out: str, *,
                   spacing_mm: float, volume_format: str, compounding: str,
                   max_voxels: int) -> dict[str, float]:
   """Writes every output of one sweep into the folder `out` (module docstring); returns its
   metrics ({} without tracking)."""
-  n, image_hw, pixel_to_image = reader.num_frames, reader.image_shape, reader.pixel_to_image
-  vectors = np.asarray(run.experiment.predict_sweep(run.variables, reader), np.float64)
-  if vectors.shape != (n - 1, 6) or not np.all(np.isfinite(vectors)):
-    raise errors.InputError(
-        f'{reader.path}: the model predicted pose vectors of shape {vectors.shape}'
-        f'{"" if np.all(np.isfinite(vectors)) else " with NaN or inf"}; expected '
-        f'({n - 1}, 6) finite values for {n} frames')
-  relative = pose.pose_vector_to_matrix(vectors)
-  pred = pose.compose_relative(relative)
+  image_hw, pixel_to_image = reader.image_shape, reader.pixel_to_image
+  vectors, relative, pred = predict_poses(run, reader, reader.path)
   tracking = reader.tracking
   if tracking is None:
     gt, metrics = None, {}

@@ -55,6 +55,7 @@ import numpy as np
 
 from dualtrack_jax import metrics as metrics_lib
 from dualtrack_jax import pose
+from dualtrack_jax import predict
 from dualtrack_jax.data import sweeps
 from dualtrack_jax.data import tusrec
 from ultrasound_common import errors
@@ -287,14 +288,7 @@ def predict_scan(run: Any, scan: Scan, out_path: str, calibration: tusrec.Calibr
   try:
     with sweeps.SweepReader(sweep_path, require_tracking=False) as reader:
       start = time.perf_counter()
-      vectors = np.asarray(run.experiment.predict_sweep(run.variables, reader), np.float64)
-      if vectors.shape != (num_frames - 1, 6) or not np.all(np.isfinite(vectors)):
-        raise errors.InputError(
-            f'{scan.frames_path}: the model predicted pose vectors of shape {vectors.shape}'
-            f'{"" if np.all(np.isfinite(vectors)) else " with NaN or inf"}; expected '
-            f'({num_frames - 1}, 6) finite values for {num_frames} frames')
-      local = pose.pose_vector_to_matrix(vectors)
-      pred = pose.compose_relative(local)
+      _, local, pred = predict.predict_poses(run, reader, scan.frames_path)
       predict_s = time.perf_counter() - start
       pixel_to_image, tracking = reader.pixel_to_image, reader.tracking
   finally:
