@@ -24,13 +24,13 @@ from dualtrack_jax.data import sweeps
 from dualtrack_jax.experiments import common
 from dualtrack_jax.experiments import fusion
 from dualtrack_jax.experiments import local_stage1
-from launch import checkpointing
 from launch import config_utils
 from launch import experiment as experiment_lib
 from launch import export
 from sonichu_jax import preprocess
 from sonichu_jax.experiments import keypoints
 import toy_experiment
+import tiny_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, 'configs')
@@ -65,22 +65,6 @@ def readme_snippet() -> str:
   section = readme[readme.index('## Export: a model without its code'):]
   start = section.index('```python\n') + len('```python\n')
   return section[start:section.index('\n```', start)]
-
-
-def _random_variables(shapes, seed: int):
-  """Uniform(-0.2, 0.2) variables of the given shapes; batch-norm variances are ones."""
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, s: (np.ones(s.shape, s.dtype) if jax.tree_util.keystr(path).endswith("['var']")
-                       else rng.uniform(-0.2, 0.2, s.shape).astype(s.dtype)), shapes)
-
-
-def _save_run(workdir: str, config: ml_collections.ConfigDict, variables) -> str:
-  checkpoints = checkpointing.RunCheckpoints(workdir, best_metric='loss')
-  checkpoints.maybe_save_best(7, variables, {'loss': 1.0}, config_utils.to_json_dict(config))
-  checkpoints.wait_until_finished()
-  checkpoints.close()
-  return workdir
 
 
 def _dualtrack_config(name: str, base) -> ml_collections.ConfigDict:
@@ -126,7 +110,7 @@ def stage1(base):
   experiment = local_stage1.Experiment(config, load_data=False)
   shapes = jax.eval_shape(experiment.init, jax.random.key(0),
                           {'images': np.zeros((1, 2, *CROP), np.uint8)})
-  workdir = _save_run(str(base / 'stage1'), config, _random_variables(shapes, 1))
+  workdir = tiny_runs.save_run(str(base / 'stage1'), config, tiny_runs.random_variables(shapes, 1))
   out = str(base / 'exports' / 'stage1')
   result = _cli(f'--workdir={workdir}', f'--out={out}', '--platforms=cpu',
                 f'--option=frame_size={HEIGHT}x{WIDTH}', '--option=max_frames=64')
@@ -143,7 +127,7 @@ def dualtrack_sweep(base):
   shapes = jax.eval_shape(experiment.model.init, jax.random.key(0),
                           np.zeros((1, 2, *CROP), np.float32), np.zeros((1, 1, 224, 224),
                                                                         np.float32))
-  workdir = _save_run(str(base / 'fusion'), config, _random_variables(shapes, 2))
+  workdir = tiny_runs.save_run(str(base / 'fusion'), config, tiny_runs.random_variables(shapes, 2))
   run = _restore(workdir)
   out = str(base / 'exports' / 'fusion')
   export.export_run(run, out, platforms='cpu', options={'frame_size': f'{HEIGHT}x{WIDTH}'})
@@ -160,7 +144,7 @@ def sonichu(base):
   experiment = keypoints.Experiment(config, load_data=False)
   shapes = jax.eval_shape(experiment.init, jax.random.key(0),
                           {'image': np.zeros((1, 256, 256, 3), np.float32)})
-  workdir = _save_run(str(base / 'sonichu'), config, _random_variables(shapes, 3))
+  workdir = tiny_runs.save_run(str(base / 'sonichu'), config, tiny_runs.random_variables(shapes, 3))
   run = _restore(workdir)
   out = str(base / 'exports' / 'sonichu')
   export.export_run(run, out, platforms='cpu')
@@ -175,7 +159,7 @@ def toy(base):
   experiment = toy_experiment.Experiment(config, load_data=False)
   shapes = jax.eval_shape(experiment.init, jax.random.key(0),
                           {'image': np.zeros((1, 8, 8, 1), np.float32)})
-  workdir = _save_run(str(base / 'toy'), config, _random_variables(shapes, 4))
+  workdir = tiny_runs.save_run(str(base / 'toy'), config, tiny_runs.random_variables(shapes, 4))
   run = _restore(workdir)
   out, out_bf16 = str(base / 'exports' / 'toy'), str(base / 'exports' / 'toy_bf16')
   export.export_run(run, out)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import h5py
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -24,14 +23,12 @@ from dualtrack_jax.data import simulator
 from dualtrack_jax.data import sweeps
 from dualtrack_jax.data import transforms
 from dualtrack_jax.experiments import common
-from dualtrack_jax.experiments import local_stage1
-from launch import checkpointing
 from launch import config_utils
 from launch import experiment as experiment_lib
 from launch import predict
+import tiny_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, 'configs', 'dualtrack', 'local_stage1.py')
 # 40x49 frames with a 32x32 centre crop: W - w is odd, so the crop's centred frame is half a pixel
 # off the file's and predict_sweep must conjugate its motions into the file's frame.
 HEIGHT, WIDTH, FRAMES = 40, 49, 12
@@ -43,26 +40,7 @@ OUTPUTS = ['mask.nii.gz', 'metrics.json', 'poses.h5', 'slices.png', 'trajectory.
 def run(tmp_path_factory):
   """(run folder, sweep path) of a tiny stage-1 checkpoint and a simulated sweep with landmarks."""
   base = tmp_path_factory.mktemp('predict')
-  config = config_utils.load_config_file(f'{CONFIG}:sim')
-  # The dataset is never read: prediction builds the model only.
-  config.data.synthetic.cache_dir = str(base / 'no_cache')
-  config.data.crop = (32, 32)
-  config.model.widths = (4, 4, 8, 8)
-  config.model.stem_width = 4
-  config.eval_tile = 4
-  experiment = local_stage1.Experiment(config, load_data=False)
-  # Random variables of the model's shapes: jax.random init compiles for ~20 s on a busy CPU.
-  shapes = jax.eval_shape(experiment.init, jax.random.key(0),
-                          {'images': np.zeros((1, 2, 32, 32), np.uint8)})
-  rng = np.random.default_rng(0)
-  variables = jax.tree_util.tree_map_with_path(
-      lambda path, s: (np.ones(s.shape, s.dtype) if jax.tree_util.keystr(path).endswith("['var']")
-                       else rng.uniform(-0.2, 0.2, s.shape).astype(s.dtype)), shapes)
-  workdir = str(base / 'run')
-  checkpoints = checkpointing.RunCheckpoints(workdir, best_metric='loss')
-  checkpoints.maybe_save_best(7, variables, {'loss': 1.0}, config_utils.to_json_dict(config))
-  checkpoints.wait_until_finished()
-  checkpoints.close()
+  _, workdir = tiny_runs.stage1_run(str(base / 'run'), str(base / 'no_cache'))
   sim = simulator.SimulatorConfig(height=HEIGHT, width=WIDTH, num_frames=(FRAMES, FRAMES),
                                   speed_mm_per_frame=(0.3, 0.5))
   sweep = simulator.simulate_sweep(sim, seed=3)

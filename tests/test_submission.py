@@ -10,7 +10,6 @@ import sys
 import types
 
 import h5py
-import jax
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
@@ -256,30 +255,10 @@ def test_bad_inputs_name_the_file(data, tmp_path):
 
 @pytest.mark.slow
 def test_cli_with_a_real_run(data, tmp_path):
-  """A tiny stage-1 run with random variables (as tests/test_predict.py builds it), end to end."""
-  from dualtrack_jax.experiments import local_stage1  # pylint: disable=g-import-not-at-top
-  from launch import checkpointing  # pylint: disable=g-import-not-at-top
-  from launch import config_utils  # pylint: disable=g-import-not-at-top
+  """A tiny stage-1 run with random variables (tests/tiny_runs.py), end to end."""
+  import tiny_runs  # pylint: disable=g-import-not-at-top
   root, _ = data
-  config = config_utils.load_config_file(
-      f'{os.path.join(ROOT, "configs", "dualtrack", "local_stage1.py")}:sim')
-  config.data.synthetic.cache_dir = str(tmp_path / 'no_cache')
-  config.data.crop = (32, 32)
-  config.model.widths = (4, 4, 8, 8)
-  config.model.stem_width = 4
-  config.eval_tile = 4
-  experiment = local_stage1.Experiment(config, load_data=False)
-  shapes = jax.eval_shape(experiment.init, jax.random.key(0),
-                          {'images': np.zeros((1, 2, 32, 32), np.uint8)})
-  rng = np.random.default_rng(0)
-  variables = jax.tree_util.tree_map_with_path(
-      lambda path, s: (np.ones(s.shape, s.dtype) if jax.tree_util.keystr(path).endswith("['var']")
-                       else rng.uniform(-0.2, 0.2, s.shape).astype(s.dtype)), shapes)
-  workdir = str(tmp_path / 'run')
-  checkpoints = checkpointing.RunCheckpoints(workdir, best_metric='loss')
-  checkpoints.maybe_save_best(7, variables, {'loss': 1.0}, config_utils.to_json_dict(config))
-  checkpoints.wait_until_finished()
-  checkpoints.close()
+  _, workdir = tiny_runs.stage1_run(str(tmp_path / 'run'), str(tmp_path / 'no_cache'))
 
   result = subprocess.run(
       [sys.executable, '-m', 'launch.predict', f'--checkpoint={workdir}',
