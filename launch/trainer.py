@@ -132,8 +132,9 @@ def make_train_step(experiment, tx: optax.GradientTransformation, schedule: opta
 
 
 def _steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, int]:
-  """Total, warmup, eval, log and checkpoint intervals in optimiser steps."""
-  if config.get('total_steps') is not None:
+  """Total, warmup, eval, log and checkpoint intervals in optimiser steps (the runtime keys are
+  in `config`: `config_utils.with_runtime_keys`)."""
+  if config.total_steps is not None:
     total, source = int(config.total_steps), f'config.total_steps={config.total_steps}'
   else:
     epochs = config_utils.require(config, 'num_epochs')
@@ -141,21 +142,20 @@ def _steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str,
     source = f'config.num_epochs={epochs} x {steps_per_epoch} steps per epoch'
   if total <= 0:
     raise config_utils.ConfigError(f'{source} gives {total} steps; the run needs at least one')
-  if config.get('eval_every_steps'):
+  if config.eval_every_steps:
     eval_every = int(config.eval_every_steps)
-  elif config.get('eval_every_epochs'):
+  elif config.eval_every_epochs:
     eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
   else:
     eval_every = total
-  warmup = int(round(config.get('warmup_epochs', 0) * steps_per_epoch))
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
   if warmup < 0:
     raise config_utils.ConfigError(f'config.warmup_epochs={config.warmup_epochs} is negative')
-  intervals = {k: config.get(f'{k}_every_steps') for k in ('log', 'checkpoint')}
+  intervals = {k: int(config[f'{k}_every_steps']) for k in ('log', 'checkpoint')}
   for key, value in intervals.items():
-    if value is not None and int(value) <= 0:
+    if value <= 0:
       raise config_utils.ConfigError(f'config.{key}_every_steps={value} must be positive')
-  return {'total': total, 'warmup': warmup, 'eval': max(eval_every, 1),
-          'log': int(intervals['log'] or 50), 'checkpoint': int(intervals['checkpoint'] or 1000)}
+  return {'total': total, 'warmup': warmup, 'eval': max(eval_every, 1), **intervals}
 
 
 def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]], last_good: int | None,
@@ -182,7 +182,7 @@ def _evaluate(experiment, state, step: int, config, writer: metric_writer.Metric
                ', '.join(f'{k}={v:.6g}' for k, v in sorted(result.metrics.items())))
   writer.scalars(step, {f'eval/{k}': v for k, v in result.metrics.items()})
   if jax.process_index() == 0:
-    shown = list(result.figures.items())[:int(config.get('num_eval_figures', 4))]
+    shown = list(result.figures.items())[:int(config.num_eval_figures)]
     writer.images(step, {f'eval/{name}': plots.to_array(figure) for name, figure in shown})
   writer.flush()
   return result
@@ -251,7 +251,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, f
         f'Experiment.train_dataset yields per-process batches with leading sizes '
         f'{local_rows}; expected config.batch_size // processes = '
         f'{batch_size // process_count}')
-  if config.get('num_workers', 0):
+  if config.num_workers:
     train_ds = train_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=int(config.num_workers)))
   batch_sharding = sharding.batch_sharding(mesh)
@@ -260,7 +260,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, f
   # ============================================================================================
   # Model, optimiser and the sharding of the train state.
   # ============================================================================================
-  frozen = tuple(config.get('frozen', ()) or ())
+  frozen = tuple(config.frozen or ())
   tx, schedule = optim.make_optimizer(config_utils.require(config, 'optim'),
                                       total_steps=total_steps, warmup_steps=steps['warmup'],
                                       frozen=frozen)
@@ -268,8 +268,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, f
   rng = jax.random.key(int(config.seed))
   abstract_state = jax.eval_shape(init_fn, rng, example)
   state_sharding = sharding.state_shardings(
-      mesh, abstract_state, fsdp=bool(config.get('fsdp', False)),
-      fsdp_min_size_mb=float(config.get('fsdp_min_size_mb', 4.0)))
+      mesh, abstract_state, fsdp=bool(config.fsdp),
+      fsdp_min_size_mb=float(config.fsdp_min_size_mb))
   num_params = sum(int(np.prod(x.shape)) for x in
                    jax.tree.leaves(abstract_state['variables']['params']))
   logging.info('%d parameters (%.1f MB float32).', num_params, num_params * 4 / 2**20)
@@ -277,9 +277,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, f
   # ============================================================================================
   # Checkpoints and logs (first writes to the workdir); resume or initialise.
   # ============================================================================================
-  ckpts = checkpointing.RunCheckpoints(workdir, keep=int(config.get('keep_checkpoints', 3)),
-                                       best_metric=config.get('best_metric') or None,
-                                       best_mode=config.get('best_mode', 'min'))
+  ckpts = checkpointing.RunCheckpoints(workdir, keep=int(config.keep_checkpoints),
+                                       best_metric=config.best_metric or None,
+                                       best_mode=config.best_mode)
   writer = metric_writer.MetricWriter(workdir, enabled=process_index == 0)
   train_iter = iter(train_ds)
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -290,7 +290,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, f
   else:
     start = 0
     state = jax.jit(init_fn, out_shardings=state_sharding)(rng, example)
-    if config.get('init_from'):
+    if config.init_from:
       # Only a fresh run starts from other runs' weights; a resumed one has its own. Adam's
       # moments start at zero whatever the parameters, so only the variables change.
       state['variables'] = jax.device_put(
