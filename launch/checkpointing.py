@@ -54,9 +54,15 @@ def _item_handlers() -> dict[str, Any]:
 
 def _manager(directory: str, *, max_to_keep: int | None, create: bool, best_metric=None,
              best_mode='min') -> ocp.CheckpointManager:
+  # The managers of checkpoints/ and best/ save at the same time (the async finalisation of one
+  # overlaps the next save of the other), and orbax names its cross-process barriers by a fixed
+  # key: without a prefix of their own, two processes can meet at one barrier from two managers
+  # ("Barrier ... is already ongoing", or a hang).
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=create, read_only=not create,
-      best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode)
+      best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=os.path.basename(os.path.normpath(directory))))
   return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
 
 
