@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from dualtrack_jax import feature_cache
 from dualtrack_jax import metrics
@@ -29,6 +28,7 @@ from dualtrack_jax.data import sweeps
 from dualtrack_jax.data import transforms
 from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import transformer
+from ultrasound_common import checkpoints
 from ultrasound_common import errors
 
 # The metric the README and the original's checkpoint selection use ("GPE" of the paper's tables).
@@ -220,43 +220,6 @@ class LocalFromFeatures(nn.Module):
     return x
 
 
-def _latest_step(directory: str) -> int | None:
-  steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
-  return max(steps, default=None)
-
-
-def read_variables(path: str, checkpoint: str = 'best') -> dict[str, Any]:
-  """Variables of a run folder's best (else latest) checkpoint, or of a step directory.
-
-  The reading side of `launch.checkpointing` (model packages do not import launch), used to find
-  the frozen weights whose features `feature_cache` stores before the trainer has built the model.
-  """
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.basename(path).isdigit():
-    directory, step = os.path.dirname(path), int(os.path.basename(path))
-  else:
-    order = ('best', 'checkpoints') if checkpoint == 'best' else ('checkpoints',)
-    found = [(os.path.join(path, d), _latest_step(os.path.join(path, d))) for d in order]
-    found = [f for f in found if f[1] is not None]
-    if checkpoint.isdigit():
-      found = [(os.path.join(path, 'checkpoints'), int(checkpoint))]
-    if not found:
-      raise errors.MissingFileError(f'{path}: no checkpoint (looked in best/ and checkpoints/)')
-    directory, step = found[0]
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler()})
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = {'variables': jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      manager.item_metadata(step)['state']['variables'])}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)))
-  manager.close()
-  return restored['state']['variables']
-
-
 def subtree(variables: Mapping[str, Any], prefix: str) -> dict[str, Any]:
   """The `prefix` ('/'-joined, '' = all) subtree of every collection that has it."""
   out = {}
@@ -329,7 +292,7 @@ class LocalExperimentBase:
       raise errors.InputError(
           f'config.init_from.{name}.workdir is empty: set it to the run folder of '
           'the previous stage')
-    variables = subtree(read_variables(spec.workdir, str(spec.get('checkpoint') or 'best')),
+    variables = subtree(checkpoints.read_variables(spec.workdir, str(spec.get('checkpoint') or 'best')),
                         cache.prefix)
     key = feature_cache.cache_key(self.local, variables, self.crop)
     directory = cache.get('directory') or os.path.join(
