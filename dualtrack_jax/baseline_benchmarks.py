@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dualtrack_jax.experiments import baseline_two_frame
 from dualtrack_jax.experiments import common
 from dualtrack_jax.models import baselines
 from ultrasound_common import errors
@@ -35,14 +36,9 @@ class _Baseline:
   item_name: str
 
 
-def _two_frame_model(model_config, dtype):
-  return baselines.PrevostConvNet(norm=model_config.get('norm'), dropout=model_config.dropout,
-                                  dtype=dtype)
-
-
 _BASELINES = {
     'baseline_two_frame': _Baseline(
-        'baseline_two_frame.py', _two_frame_model,
+        'baseline_two_frame.py', baseline_two_frame.network,
         lambda rng, n, hw, config: rng.random((n - 1, *hw, 2), np.float32),
         lambda n: n - 1, 'pairs'),
     'baseline_monet': _Baseline(

@@ -16,7 +16,10 @@ not depend on the values); with `original`, they are converted by `convert.to_to
 strictly into the original's own builder (`get_model(config_path=configs/model/<preset>.yaml)`),
 so both sides run the same weights, and every side's poses are compared with the original's.
 `tile=T` runs the local 3D CNN in exact temporal tiles of T frames (`cnn_chunking=
-'exact_tiling'`), which bounds its memory without changing the result.
+'exact_tiling'`), which bounds its memory without changing the result. `options.model_options`
+selects `SWITCHES` ('KEY=VALUE', `--model_options`): the same function computed another way
+(docs/performance.md), so the original still applies; with fold_batch_norm=true ours runs on the
+folded variables.
 """
 from collections.abc import Iterator, Mapping
 import dataclasses
@@ -38,7 +41,9 @@ from dualtrack_jax.data import simulator
 from dualtrack_jax.data import transforms
 from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import resnet3d
+from ultrasound_common import attention
 from ultrasound_common import errors
+from ultrasound_common import switches
 
 # --preset -> (our keyword arguments, the original's model config file).
 PRESETS = {
@@ -46,6 +51,9 @@ PRESETS = {
     'tus_rec_2025': (dualtrack.TUS_REC_2025, 'configs/model/dualtrack_ft_tus_rec_2025.yaml'),
 }
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+SWITCHES = {'attention_implementation': attention.IMPLEMENTATIONS,
+            'conv3d_implementation': resnet3d.CONV3D_IMPLEMENTATIONS,
+            'fold_batch_norm': (False, True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +123,8 @@ def cases(options, *, geometry: Geometry = Geometry(),
     raise errors.InputError(
         'dualtrack benchmark: overrides change the model; the original cannot follow')
   preset, config_file = PRESETS[preset_name]
-  kwargs = {**preset, **(overrides or {})}
+  settings = switches.parse(options.model_options, SWITCHES)
+  kwargs = {**preset, **(overrides or {}), **settings}
   whole = kwargs
   if options.tile is not None:
     whole = {**kwargs, 'cnn_chunking': None, 'max_subsequence': None}
@@ -126,16 +135,18 @@ def cases(options, *, geometry: Geometry = Geometry(),
                                        dualtrack.DualTrack(**whole, dtype=DTYPES[name]))
                for name in options.dtypes}
   models = {name: dualtrack.DualTrack(**kwargs, dtype=DTYPES[name]) for name in options.dtypes}
-  reference = dualtrack.DualTrack(**kwargs)
+  reference = dualtrack.DualTrack(**{**kwargs, 'fold_batch_norm': False})
   rng = np.random.default_rng(options.seed)
   local_shape, global_shape = (1, 2, *geometry.local_hw), (1, 1, *geometry.global_hw)
   variables = random_variables(reference, np.zeros(local_shape, np.float32),
                                np.zeros(global_shape, np.float32), options.seed)
+  ours = dualtrack.fold_batch_norm(variables) if settings.get('fold_batch_norm') else variables
   torch_module = None
   if options.original:
     torch_module = _original_model(options.original, config_file,
                                    convert.to_torch(variables, convert.DUALTRACK))
-  tiling = f', exact tiles of {options.tile} frames' if options.tile else ''
+  tiling = (f', exact tiles of {options.tile} frames' if options.tile else '') + (
+      switches.describe(settings))
   for num_frames in options.sizes:
     local = rng.random((1, num_frames, *geometry.local_hw), np.float32)
     global_all = rng.random((1, num_frames, *geometry.global_hw), np.float32)
@@ -151,7 +162,7 @@ def cases(options, *, geometry: Geometry = Geometry(),
                f'{tiling}'),
         items=num_frames, item_name='frames', inputs=(local, global_),
         variants=tuple(dict(dtype=name, fn=functools.partial(_apply, models[name]),
-                            variables=variables, flops_fn=flops_fns[name])
+                            variables=ours, flops_fn=flops_fns[name])
                        for name in options.dtypes),
         torch_module=torch_module, torch_inputs=torch_inputs,
         to_numpy=lambda poses: poses.float().numpy())

@@ -21,6 +21,9 @@ max_frames (the stage-1 encoder, which has no position table). What makes n symb
 - The CNN runs in one pass over the sweep: exact tiling (`cnn_chunking='exact_tiling'`) equals
   it, and the 2025 model's `torch.chunk` chunking equals it up to `max_subsequence` frames (so n
   is bounded by that too); longer chunked sweeps would need a concrete n.
+
+Option fold_batch_norm=true ships the CNNs' BatchNorm folded into their convolutions (the same
+function; docs/performance.md).
 """
 from collections.abc import Mapping
 import re
@@ -70,6 +73,13 @@ def _int_option(options: Mapping[str, str], key: str, default: int, low: int, hi
   if not re.fullmatch(r'\s*\d+\s*', text) or not low <= int(text) <= high:
     raise errors.InputError(f'export option {key}={text!r}: expected an integer in [{low}, {high}]')
   return int(text)
+
+
+def _fold_option(options: Mapping[str, str]) -> bool:
+  text = options.get('fold_batch_norm', 'false')
+  if text.strip().lower() not in ('true', 'false'):
+    raise errors.InputError(f'export option fold_batch_norm={text!r}: expected true or false')
+  return text.strip().lower() == 'true'
 
 
 def _local_frames(frames: jax.Array, frame_hw: tuple[int, int], crop: tuple[int, int]):
@@ -139,6 +149,10 @@ def stage1_spec(model: local_encoder.LocalEncoderStage1, variables: Mapping[str,
   """The export spec of a stage-1 local encoder (`local_stage1.Experiment.export_spec`)."""
   frame_hw = _frame_size(options, crop)
   max_frames = _int_option(options, 'max_frames', DEFAULT_MAX_FRAMES, 2, 2**31 - 1)
+  fold = _fold_option(options)
+  if fold:
+    model = model.clone(fold_batch_norm=True)
+    variables = resnet3d.fold_batch_norm(variables)
 
   def sweep(variables, images):
     with resnet3d.unchunked():
@@ -151,7 +165,8 @@ def stage1_spec(model: local_encoder.LocalEncoderStage1, variables: Mapping[str,
   return dict(
       fn=fn, variables=variables, inputs=[_frames_input(frame_hw)], outputs=_outputs(),
       constraints=('n >= 2', f'n <= {max_frames}'),
-      options={'frame_size': f'{frame_hw[0]}x{frame_hw[1]}', 'max_frames': str(max_frames)},
+      options={'frame_size': f'{frame_hw[0]}x{frame_hw[1]}', 'max_frames': str(max_frames),
+               'fold_batch_norm': str(fold).lower()},
       metadata={**_local_metadata(frame_hw, crop), 'model': 'DualTrack local encoder, stage 1',
                 'max_frames': f'{max_frames}: the CNN runs over the whole sweep in one pass, so '
                               'memory grows with n; export again with --option max_frames=N '
@@ -170,9 +185,13 @@ def sweep_spec(model_kwargs: Mapping[str, Any], variables: Mapping[str, Any],
     crop: config.data.crop.
     global_source: config.data.global_source; option global_source overrides it.
     global_normalize: config.data.global_normalize, (mean, std).
-    options: the export options (frame_size, global_source).
+    options: the export options (frame_size, global_source, fold_batch_norm).
   """
   frame_hw = _frame_size(options, crop)
+  fold = _fold_option(options)
+  if fold:
+    model_kwargs = {**model_kwargs, 'fold_batch_norm': True}
+    variables = dualtrack.fold_batch_norm(variables)
   source = options.get('global_source', global_source)
   if source not in GLOBAL_SOURCES:
     raise errors.InputError(
@@ -216,7 +235,8 @@ def sweep_spec(model_kwargs: Mapping[str, Any], variables: Mapping[str, Any],
         _local_frames(frames, frame_hw, crop), global_frames(frames))
     return {'relative_pose_vectors': vectors, 'global_transforms': _global_transforms(vectors)}
 
-  options = {'frame_size': f'{frame_hw[0]}x{frame_hw[1]}', 'global_source': source}
+  options = {'frame_size': f'{frame_hw[0]}x{frame_hw[1]}', 'global_source': source,
+             'fold_batch_norm': str(fold).lower()}
   metadata = {
       **_local_metadata(frame_hw, crop), 'model': 'DualTrack (local and global encoders, fusion)',
       'global_frames': {

@@ -111,15 +111,18 @@ def cache_key(local: Mapping[str, Any], variables: Mapping[str, Any], crop: tupl
   for collection in sorted(variables):
     for part in ('cnn', 'vit'):
       tree = variables[collection].get(part)
-      if tree is None:
-        continue
-      for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0],
-                               key=lambda x: jax.tree_util.keystr(x[0])):
-        array = np.asarray(leaf)
-        digest.update(f'{collection}/{part}{jax.tree_util.keystr(path)}:{array.dtype}:'
-                      f'{array.shape}'.encode())
-        digest.update(array.tobytes())
+      if tree is not None:
+        digest_arrays(digest, f'{collection}/{part}', tree)
   return digest.hexdigest()[:16]
+
+
+def digest_arrays(digest, label: str, tree: Any) -> None:
+  """Adds every array of `tree` (its path under `label`, dtype, shape and bytes) to `digest`."""
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0],
+                           key=lambda x: jax.tree_util.keystr(x[0])):
+    array = np.asarray(leaf)
+    digest.update(f'{label}{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}'.encode())
+    digest.update(array.tobytes())
 
 
 class FeatureCache:

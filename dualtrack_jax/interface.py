@@ -20,10 +20,13 @@ import numpy as np
 from dualtrack_jax import baseline_benchmarks
 from dualtrack_jax import benchmarks
 from dualtrack_jax import convert
+from dualtrack_jax import gpu_suite
 from dualtrack_jax import plots
 from dualtrack_jax import predict
 from dualtrack_jax import submission
+from dualtrack_jax import torch_steps
 from dualtrack_jax import volume
+from dualtrack_jax.experiments import baseline_two_frame
 from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import local_encoder
 from ultrasound_common import errors
@@ -86,6 +89,8 @@ CONVERTERS = {
     'tus_rec_2025': "the 2025 finetune (P = 4096, the original's torch.chunk CNN chunking)",
     'local_stage1': 'a stage-1 VideoResnetTrackingEstimator (widths and temporal kernels read '
                     'from the file)',
+    'two_frame_cnn': "train_2_frame_cnn.py's model (prevostnet[_bn], resnet10 or "
+                     'efficientnet_b1: the backbone is read from the keys)',
 }
 _PRESETS = {'tus_rec_2024': dualtrack.TUS_REC_2024, 'tus_rec_2025': dualtrack.TUS_REC_2025}
 # The table of each experiment's variables (to_torch finds the experiment in the saved config).
@@ -94,6 +99,13 @@ TABLES = {f'{_EXPERIMENTS}local_stage1': convert.LOCAL_STAGE1,
           f'{_EXPERIMENTS}local_stage3': convert.LOCAL_STAGE3,
           f'{_EXPERIMENTS}global_encoder': convert.GLOBAL_ENCODER,
           f'{_EXPERIMENTS}fusion': convert.DUALTRACK}
+_TWO_FRAME = f'{_EXPERIMENTS}baseline_two_frame'  # One table per backbone.
+
+
+def _table(config) -> convert.Table:
+  if config['experiment'] == _TWO_FRAME:
+    return baseline_two_frame.TABLES[config['model']['backbone']]
+  return TABLES[config['experiment']]
 
 
 def compare_figures(results) -> dict[str, Any]:
@@ -107,7 +119,8 @@ def converter_config(name: str, variant: str) -> str:
   if variant != 'full':
     raise errors.InputError(
         f'--variant={variant!r}: DualTrack conversions use the full configs only')
-  return os.path.join(_CONFIGS, 'local_stage1.py' if name == 'local_stage1' else 'fusion.py')
+  files = {'local_stage1': 'local_stage1.py', 'two_frame_cnn': 'baseline_two_frame.py'}
+  return os.path.join(_CONFIGS, files.get(name, 'fusion.py'))
 
 
 def _local_stage1_architecture(state_dict: dict[str, np.ndarray], source: str) -> dict[str, Any]:
@@ -129,9 +142,27 @@ def _frames(height: int, width: int) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((1, 2, height, width), jnp.float32)
 
 
+def _two_frame_backbone(state_dict: dict[str, np.ndarray], source: str) -> dict[str, Any]:
+  """config.model keys of a train_2_frame_cnn.py state dict, from its first key's module."""
+  keys = {'conv_stem.weight': dict(backbone='efficientnet_b1'),
+          'conv1.0.weight': dict(backbone='resnet10t'),
+          'fc1.weight': dict(backbone='prevost', norm='batch' if 'norm1.weight' in state_dict
+                             else None)}
+  for key, model in keys.items():
+    if key in state_dict:
+      return model
+  raise errors.InputError(f'{source}: not a train_2_frame_cnn.py model state dict (none of '
+                          f'{", ".join(keys)})')
+
+
 def _model(name: str, state_dict: dict[str, np.ndarray], config: ml_collections.ConfigDict,
            source: str):
   """(module, abstract inputs for init); sets the converted model's keys in `config`."""
+  if name == 'two_frame_cnn':
+    # The Prevost ConvNet's fc1 fixes the input size: config.data.crop (128 x 128, its own).
+    config.model.update(_two_frame_backbone(state_dict, source))
+    pairs = jax.ShapeDtypeStruct((1, *config.data.crop, 2), jnp.float32)
+    return baseline_two_frame.network(config.model), (pairs,)
   if name == 'local_stage1':
     config.model.update(_local_stage1_architecture(state_dict, source))
     module = local_encoder.LocalEncoderStage1(
@@ -163,7 +194,7 @@ def from_torch(name: str, state_dict: dict[str, np.ndarray], config: ml_collecti
   template = (module.lazy_init(rng, *inputs) if allow_reinit
               else jax.eval_shape(module.init, rng, *inputs))
   try:
-    variables = convert.from_torch(state_dict, template, TABLES[config.experiment],
+    variables = convert.from_torch(state_dict, template, _table(config),
                                    allow_reinit=allow_reinit)
   except ValueError as e:
     raise errors.InputError(f'{source} (--model={name}): {e}') from None
@@ -183,14 +214,16 @@ def to_torch(variables, config, *, source: str) -> dict[str, np.ndarray]:
   """A run of any DualTrack stage -> the state dict that the original's model of that stage loads
   with `load_state_dict(strict=True)`."""
   experiment = config.get('experiment')
-  if experiment not in TABLES:
+  if experiment not in TABLES and experiment != _TWO_FRAME:
     raise errors.InputError(
         f'{source}: config.experiment {experiment!r} has no torch counterpart here; '
-        f'supported: {", ".join(sorted(TABLES))}')
+        f'supported: {", ".join(sorted([*TABLES, _TWO_FRAME]))}')
   if experiment == f'{_EXPERIMENTS}local_stage1':
     variables = _fold_target_scaling(variables, config['model'])
-  return convert.to_torch(variables, TABLES[experiment])
+  return convert.to_torch(variables, _table(config))
 
 
 INFERENCE_BENCHMARKS = {'dualtrack': benchmarks.cases, **baseline_benchmarks.INFERENCE_BENCHMARKS}
+BENCHMARK_SUITES = {'gpu': gpu_suite.cases}
+TORCH_TRAIN_STEPS = torch_steps.TORCH_TRAIN_STEPS
 BENCHMARKS = {'simulator': benchmarks.simulator_speed, 'pipeline': benchmarks.pipeline_speed}

@@ -18,7 +18,8 @@ one untimed warm-up call, then `steps` timed calls. Reported per side:
             the RSS before them (the side's working memory). Compilation (XLA, torch.compile) is
             measured the same way on its own ("compile RSS increase").
   device    on accelerators, `memory_stats()['peak_bytes_in_use']`
-  XLA temp  `compiled.memory_analysis()`: XLA's buffer assignment for one call (temporaries)
+  XLA temp  `compiled.memory_analysis()`: XLA's buffer assignment for one call (temporaries; with
+            arguments and outputs, `xla_peak`: what the device must hold for the call)
   FLOP      JAX: `compiled.cost_analysis()['flops']` (every HLO op; for a model with loops, that
             of its `Variant.flops_fn`); torch: FlopCounterMode on the warm-up call (matmuls and
             convolutions only). FLOP/s = FLOP / median.
@@ -54,6 +55,8 @@ class Options:
     torch_compile: also time the original under `torch.compile`.
     compile_only: compile and report XLA's cost and memory analyses without running.
     seed: weights and inputs.
+    model_options: 'KEY=VALUE' switches of the model package (the same function computed
+      another way, e.g. 'attention_implementation=xla'; the package checks them).
   """
   sizes: Sequence[int] = (64,)
   dtypes: Sequence[str] = ('float32',)
@@ -64,6 +67,7 @@ class Options:
   torch_compile: bool = False
   compile_only: bool = False
   seed: int = 0
+  model_options: Sequence[str] = ()
 
   def __post_init__(self):
     unknown = sorted(set(self.dtypes) - set(DTYPES))
@@ -122,6 +126,7 @@ class Measurement:
   compile_rss_increase: int | None = None
   device_peak: int | None = None
   xla_temp: int | None = None
+  xla_peak: int | None = None  # Arguments + outputs + temporaries (- aliased) of the call.
   flops: float | None = None
   flops_per_s: float | None = None
   rel_diff: float | None = None  # ||ours - original|| / ||original|| (vs the original eager).
@@ -171,7 +176,7 @@ def peak_rss_bytes() -> int:
   return kib * 1024
 
 
-class _PeakRss:
+class PeakRss:
   """Context: the RSS high-water mark inside it (`peak`) and its rise over the RSS at entry."""
 
   def __enter__(self):
@@ -215,7 +220,7 @@ def measure_jax(case: Case, variant: Variant, options: Options) -> Measurement:
   variables = jax.device_put(variant.variables)
   inputs = jax.device_put(case.inputs)
   jax.block_until_ready((variables, inputs))
-  with _PeakRss() as peak:
+  with PeakRss() as peak:
     start = time.perf_counter()
     compiled = jax.jit(variant.fn).lower(variables, *inputs).compile()
     m.compile_s = time.perf_counter() - start
@@ -223,10 +228,14 @@ def measure_jax(case: Case, variant: Variant, options: Options) -> Measurement:
   costs = (jax.jit(variant.flops_fn).lower(variables, *inputs).cost_analysis()
            if variant.flops_fn else compiled.cost_analysis())
   m.flops = (costs or {}).get('flops') or None
-  m.xla_temp = getattr(compiled.memory_analysis(), 'temp_size_in_bytes', None)
+  analysis = compiled.memory_analysis()
+  m.xla_temp = getattr(analysis, 'temp_size_in_bytes', None)
+  if m.xla_temp is not None:
+    m.xla_peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes +
+                  m.xla_temp - analysis.alias_size_in_bytes)
   if not options.compile_only:
     jax.block_until_ready(compiled(variables, *inputs))  # Warm-up.
-    with _PeakRss() as peak:
+    with PeakRss() as peak:
       times, out = _timed(lambda: jax.block_until_ready(compiled(variables, *inputs)),
                           options.steps)
     m.peak_rss, m.rss_increase = peak.peak, peak.increase
@@ -238,29 +247,53 @@ def measure_jax(case: Case, variant: Variant, options: Options) -> Measurement:
   return m
 
 
-def measure_torch(case: Case, options: Options, compiled: bool) -> Measurement:
-  """Times the original (eager or `torch.compile`) on the case's torch inputs."""
+def measure_torch(case: Case, options: Options, compiled: bool,
+                  dtype: str = 'float32') -> Measurement:
+  """Times the original (eager or `torch.compile`) on the case's torch inputs.
+
+  On a CUDA device when torch sees one (module and inputs moved there, every timed call
+  synchronised), else on the CPU. 'bfloat16' runs the float32 module under `torch.autocast`, the
+  original's mixed precision; the float32 side is what ours is compared with.
+  """
   import torch  # Only with --original: the project itself never needs torch.
   from torch.utils import flop_counter
 
-  m = Measurement(side='torch.compile' if compiled else 'torch eager')
-  module = torch.compile(case.torch_module) if compiled else case.torch_module
-  with torch.inference_mode():
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  name = 'torch.compile' if compiled else 'torch eager'
+  m = Measurement(side=f'{name} {dtype}' if dtype != 'float32' else name)
+  module = case.torch_module.to(device)
+  inputs = tuple(x.to(device) for x in case.torch_inputs)
+  if compiled:
+    module = torch.compile(module)
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
+
+  def call():
+    out = module(*inputs)
+    if device == 'cuda':
+      torch.cuda.synchronize()
+    return out
+
+  with torch.inference_mode(), autocast:
     if compiled:
-      with _PeakRss() as peak:
+      with PeakRss() as peak:
         start = time.perf_counter()
-        module(*case.torch_inputs)  # Compiles.
+        call()  # Compiles.
         m.compile_s = time.perf_counter() - start
       m.compile_rss_increase = peak.increase
     else:
       counter = flop_counter.FlopCounterMode(display=False)
       with counter:
-        module(*case.torch_inputs)  # Warm-up, counted.
+        call()  # Warm-up, counted.
       m.flops = float(counter.get_total_flops()) or None
-    with _PeakRss() as peak:
-      times, out = _timed(lambda: module(*case.torch_inputs), options.steps)
+    if device == 'cuda':
+      torch.cuda.reset_peak_memory_stats()
+    with PeakRss() as peak:
+      times, out = _timed(call, options.steps)
   m.peak_rss, m.rss_increase = peak.peak, peak.increase
-  m.output = case.to_numpy(out)
+  if device == 'cuda':
+    m.device_peak = torch.cuda.max_memory_allocated()
+  m.output = case.to_numpy(torch.utils._pytree.tree_map(  # pylint: disable=protected-access
+      lambda t: t.float().cpu() if isinstance(t, torch.Tensor) else t, out))
   _fill_times(m, times, case.items)
   return m
 

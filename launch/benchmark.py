@@ -11,9 +11,15 @@ launch/models.py):
              each of --frames and --dtype: compile time, warm latency median and p90 over
              --steps calls, frames/s, peak memory, achieved FLOP/s; with --original=PATH also
              the original PyTorch model (same weights, same input; outputs compared first) in
-             this process, eager and with --torch_compile, and the ratios. Needs torch importable only with --original.
+             this process, eager and with --torch_compile, and the ratios. Needs torch
+             importable only with --original.
   simulator  DualTrack: frames per second of the sweep simulator, default and TUS-REC-sized frames.
   pipeline   DualTrack: windows per second of the local-window Grain pipeline, 0 and 2 workers.
+
+A suite (`--suite=NAME --out=DIR`) runs every case that the model packages give for NAME (e.g.
+'gpu': DualTrack's and SONICHU's inference against the originals and their training steps), each
+group of sides in a child process with a timeout, within --budget_s, and writes DIR/suite.json and
+DIR/suite.md; --scale=tiny is its dry run on minimal sizes (launch/bench_suite.py).
 
 Examples:
   python -m launch.benchmark --bench=simulator
@@ -27,10 +33,10 @@ Examples:
       --original=/path/to/DualTrack --torch_compile
   python -m launch.benchmark --bench=inference --model=dualtrack --preset=tus_rec_2025 \
       --frames=4096 --tile=64 --steps=1
+  python -m launch.benchmark --suite=gpu --out=suite --originals=DualTrack=/path/to/DualTrack
+  python -m launch.benchmark --suite=gpu --scale=tiny --steps=1 --out=/tmp/suite  # Dry run.
 """
-import functools
 import platform
-import time
 
 from absl import app
 from absl import flags
@@ -39,12 +45,10 @@ import numpy as np
 from ml_collections import config_flags
 
 from launch import bench_inference
-from launch import experiment as experiment_lib
+from launch import bench_suite
+from launch import bench_train
 from launch import metric_writer
 from launch import models
-from launch import optim
-from launch import sharding
-from launch import trainer
 from launch import xla_flags
 from ultrasound_common import errors
 
@@ -54,7 +58,19 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Registers the command-line flags (only when run as a program, so importing is side-free)."""
   flags.DEFINE_string('bench', None, "What to measure: 'train', 'inference' or a model package's "
-                      "benchmark (e.g. 'simulator', 'pipeline').", required=True)
+                      "benchmark (e.g. 'simulator', 'pipeline').")
+  flags.DEFINE_string('suite', None, "A suite of every package's cases (e.g. 'gpu'), each side "
+                      'in a child process with a timeout; needs --out (launch/bench_suite.py).')
+  flags.DEFINE_string('out', None, '--suite: folder for suite.json and suite.md.')
+  flags.DEFINE_enum('scale', 'full', bench_suite.SCALES, "--suite: 'full' sizes, or 'tiny' (the "
+                    'same code paths at minimal sizes: a dry run).')
+  flags.DEFINE_float('budget_s', 480.0, '--suite: wall seconds for the whole suite; sides that '
+                     'would start later are reported as skipped.')
+  flags.DEFINE_multi_string('originals', [], '--suite: NAME=PATH of an original checkout that a '
+                            'case names (e.g. DualTrack=/src/DualTrack).')
+  flags.DEFINE_string('cases', None, '--suite: only the cases whose name matches this regex.')
+  flags.DEFINE_string('case', None, '--suite (internal): run one case ...')
+  flags.DEFINE_string('side', None, '--suite (internal): ... one side, in this process.')
   config_flags.DEFINE_config_file('config', None, 'Config file[:arg] for --bench=train.',
                                   lock_config=True)
   flags.DEFINE_integer('steps', 10, 'Timed repetitions (steps, sweeps or batches).')
@@ -67,56 +83,21 @@ def define_flags() -> None:
   flags.DEFINE_integer('tile', None, '--bench=inference: exact temporal tiling of the local CNN '
                        'in tiles of this many frames (bounds memory).')
   flags.DEFINE_string('original', None, '--bench=inference: checkout of the original code, timed '
-                      'in this process on the same weights and input.')
+                      'in this process on the same weights and input; --bench=train: the '
+                      "original network's training step on the same batch.")
   flags.DEFINE_bool('torch_compile', False, '--bench=inference: also time the original under '
                     'torch.compile.')
   flags.DEFINE_bool('compile_only', False, "--bench=inference: only compile ours and report "
                     "XLA's FLOP and memory analyses.")
+  flags.DEFINE_list('model_options', [], '--bench=inference: KEY=VALUE switches of the model '
+                    'that compute the same function another way, e.g. '
+                    'attention_implementation=xla,fold_batch_norm=true (docs/performance.md).')
 
 
 def _environment() -> str:
   return (f'{platform.processor() or platform.machine()}, {jax.device_count()} x '
           f'{jax.devices()[0].device_kind}; python {platform.python_version()}, jax '
           f'{jax.__version__}, numpy {np.__version__}')
-
-
-def bench_train(config, steps: int) -> None:
-  mesh = sharding.make_mesh()
-  with jax.set_mesh(mesh):
-    experiment = experiment_lib.load_experiment(config)
-    it = iter(experiment.train_dataset(seed=0, shard_index=0, shard_count=1))
-    local = next(it)
-    it.close()
-    batch = sharding.global_batch(local, sharding.batch_sharding(mesh))
-    tx, schedule = optim.make_optimizer(config.optim, total_steps=10**6, warmup_steps=0)
-    init_fn = functools.partial(trainer.init_state, experiment, tx)
-    rng = jax.random.key(0)
-    state_sharding = sharding.state_shardings(mesh, jax.eval_shape(init_fn, rng, batch))
-    state = jax.jit(init_fn, out_shardings=state_sharding)(rng, batch)
-    step = jax.jit(trainer.make_train_step(experiment, tx, schedule),
-                   in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
-    start = time.perf_counter()
-    lowered = step.lower(state, batch)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
-    flops = (compiled.cost_analysis() or {}).get('flops')
-    state, _ = compiled(state, batch)  # Warm-up.
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready((state, metrics))
-      times.append(time.perf_counter() - start)
-  samples = len(next(iter(local.values())))
-  median, p90 = np.median(times), np.percentile(times, 90)
-  shapes = ', '.join(f'{k} {tuple(np.shape(v))} {np.asarray(v).dtype}' for k, v in local.items())
-  print(f'train {config.experiment}: batch {shapes}; {config.get("compute_dtype", "float32")}, '
-        f'{jax.device_count()} device(s)')
-  print(f'  compile {compile_s:.1f} s; step median {median * 1e3:.0f} ms, p90 {p90 * 1e3:.0f} ms; '
-        f'{samples / median:.1f} samples/s' +
-        (f'; {flops / median / 1e9:.1f} GFLOP/s achieved' if flops else ''))
 
 
 def inference_options() -> bench_inference.Options:
@@ -130,13 +111,26 @@ def inference_options() -> bench_inference.Options:
   return bench_inference.Options(
       sizes=sizes, dtypes=tuple(FLAGS.dtype), steps=FLAGS.steps, preset=FLAGS.preset,
       tile=FLAGS.tile, original=FLAGS.original, torch_compile=FLAGS.torch_compile,
-      compile_only=FLAGS.compile_only)
+      compile_only=FLAGS.compile_only, model_options=tuple(FLAGS.model_options))
 
 
 def main(argv) -> None:
   del argv
   xla_flags.apply_defaults()
   metric_writer.quiet_library_logs()
+  if FLAGS.suite:
+    if not FLAGS.out:
+      raise app.UsageError('--suite needs --out')
+    if FLAGS.case:
+      bench_suite.run_child(FLAGS.suite, FLAGS.case, FLAGS.side, scale=FLAGS.scale,
+                            steps=FLAGS.steps, originals=FLAGS.originals, out=FLAGS.out)
+    else:
+      bench_suite.run_suite(FLAGS.suite, FLAGS.out, scale=FLAGS.scale, steps=FLAGS.steps,
+                            budget_s=FLAGS.budget_s, originals=FLAGS.originals,
+                            cases_filter=FLAGS.cases)
+    return
+  if not FLAGS.bench:
+    raise app.UsageError('give --bench (or --suite)')
   print(_environment())
   if FLAGS.bench == 'inference':
     if FLAGS.model is None:
@@ -145,7 +139,13 @@ def main(argv) -> None:
   elif FLAGS.bench == 'train':
     if FLAGS.config is None:
       raise app.UsageError('--bench=train needs --config')
-    bench_train(FLAGS.config, FLAGS.steps)
+    ours = bench_train.measure(FLAGS.config, FLAGS.steps)
+    original = None
+    if FLAGS.original:
+      dtype = 'bfloat16' if FLAGS.config.get('compute_dtype') == 'bfloat16' else 'float32'
+      original = bench_train.measure_torch(FLAGS.config, FLAGS.steps, original=FLAGS.original,
+                                           dtype=dtype)
+    bench_train.print_measurement(ours, original)
   else:
     _, measure = models.lookup('BENCHMARKS', FLAGS.bench, '--bench')
     measure(FLAGS.steps)

@@ -19,7 +19,10 @@ unknown name list them. Today:
                 configs/dualtrack/local_stage1.py;
   sonichu       a SONICHU-124M file in the SONICHU layout (.safetensors or torch.save: timm
                 backbone names under `backbone.`, mmpose head names under `heads.{task}.`), with
-                the config of configs/sonichu/keypoints.py (--variant picks full or sim).
+                the config of configs/sonichu/keypoints.py (--variant picks full or sim);
+  ijepa         an official I-JEPA training checkpoint (encoder, predictor, target encoder; any
+                size: read from the tensors) as an I-JEPA pretraining run, with the config of
+                configs/sonichu/pretrain_ijepa.py.
 The conversion is strict (every tensor used, every shape checked). --allow_reinit=REGEX
 re-initialises, with a log line each, the tensors whose torch key matches and whose shape differs:
   --model=tus_rec_2025 --allow_reinit='pos_emb|distance_embedding'
@@ -30,7 +33,9 @@ differs).
 --direction=to_torch reads a run folder (its best checkpoint, else the latest) or a step folder
 whose model package converts back (every DualTrack stage: local stages 1-3, global encoder, fusion
 and the 2025 finetuning) and writes a raw state dict that the original's model of that stage loads
-with `load_state_dict(strict=True)`; this needs torch (`pip install 'ultrasound-jax[convert]'`).
+with `load_state_dict(strict=True)`; an I-JEPA pretraining run becomes the original's training
+checkpoint, which its `load_checkpoint` resumes from; this needs torch
+(`pip install 'ultrasound-jax[convert]'`).
 
 Outputs are written to a temporary name and renamed when complete: a failed conversion leaves
 nothing, and an existing `--to` is never overwritten.

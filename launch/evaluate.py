@@ -14,6 +14,11 @@ own eval folder) and prints one table, a column per run and a row per metric, wr
 `comparison.json` and `comparison.md` into --out (default `<common parent>/comparison`), with the
 figures the runs' model package draws to compare them (DualTrack: per sweep, the true trajectory
 and one line per run). Runs are named by their folder (`--name` gives other names, in order).
+--ensemble (with several --workdir): the runs are the members of an ensemble; their model package
+evaluates them together (SONICHU: member variables stacked, one vmapped program, the
+coordinate-wise median) on the first run's validation data and settings. One table, a column per
+member and one per ensemble rule (e.g. 'median of 3'), written as `ensemble.json` and
+`ensemble.md` into --out (default `<common parent>/ensemble`).
 
 --set KEY=VALUE (repeatable): changes a key of the run's saved config for this evaluation, e.g.
   --set=data.dataset=tus-rec (another dataset's validation split) or --set=plot_outline_every=10
@@ -38,6 +43,7 @@ from launch import models
 from launch import plots
 from launch import sharding
 from launch import xla_flags
+from ultrasound_common import checkpoints as checkpoint_reading
 from ultrasound_common import errors
 
 
@@ -122,6 +128,15 @@ def comparison_table(metrics: dict[str, dict[str, float]]) -> str:
   return '\n'.join(lines)
 
 
+def _run_names(workdirs: list[str], names: list[str]) -> list[str]:
+  names = list(names) or [os.path.basename(os.path.normpath(w)) for w in workdirs]
+  if len(names) != len(workdirs) or len(set(names)) != len(names):
+    raise config_utils.ConfigError(
+        f'--name: give one distinct name per --workdir ({len(workdirs)}), got {names}; runs in '
+        'folders of the same name need --name')
+  return names
+
+
 def compare_runs(workdirs: list[str], checkpoint: str = 'best', out: str | None = None,
                  overrides: list[str] = (), names: list[str] = ()) -> dict[str, Any]:
   """Evaluates several runs (each as `evaluate_checkpoint`) and puts them side by side in `out`.
@@ -129,11 +144,7 @@ def compare_runs(workdirs: list[str], checkpoint: str = 'best', out: str | None 
   Returns:
     The content of comparison.json: {'runs': {name: metrics.json content}}.
   """
-  names = list(names) or [os.path.basename(os.path.normpath(w)) for w in workdirs]
-  if len(names) != len(workdirs) or len(set(names)) != len(names):
-    raise config_utils.ConfigError(
-        f'--name: give one distinct name per --workdir ({len(workdirs)}), got {names}; runs in '
-        'folders of the same name need --name')
+  names = _run_names(workdirs, names)
   raw, summaries = [], {}
   for name, workdir in zip(names, workdirs):
     summaries[name] = evaluate_checkpoint(workdir, checkpoint, overrides=overrides, raw=raw)
@@ -153,6 +164,50 @@ def compare_runs(workdirs: list[str], checkpoint: str = 'best', out: str | None 
   return {'runs': summaries}
 
 
+def evaluate_ensemble(workdirs: list[str], checkpoint: str = 'best', out: str | None = None,
+                      overrides: list[str] = (), names: list[str] = ()) -> dict[str, Any]:
+  """Evaluates the runs as the members of one ensemble (`evaluate_ensemble` of their package).
+
+  Every member's checkpoint and config are checked before anything is evaluated.
+
+  Returns:
+    The content of ensemble.json: {'members': {name: {'checkpoint', 'metrics'}},
+    'ensemble': {column name: metrics}} (and 'overrides').
+  """
+  names = _run_names(workdirs, names)
+  step_dirs = [os.path.join(*map(str, checkpointing.find_checkpoint(w, checkpoint)))
+               for w in workdirs]
+  configs = [config_utils.from_json_dict(checkpoint_reading.read_config(d)) for d in step_dirs]
+  packages = {models.for_experiment(c.experiment) for c in configs}
+  if len(packages) != 1:
+    raise models.ModelPackageError(
+        '--ensemble: the runs belong to different model packages '
+        f'({", ".join(sorted(p.__name__ for p in packages))}); members must be of one package')
+  evaluate = models.function(next(iter(packages)), 'evaluate_ensemble',
+                             'ensemble evaluation (--ensemble)')
+  config = configs[0]
+  apply_overrides(config, list(overrides))
+  member_metrics, ensemble_metrics = evaluate(step_dirs, config)
+  columns = {name: dict(m) for name, m in zip(names, member_metrics)}
+  combined = {f'{rule} of {len(workdirs)}': dict(m) for rule, m in ensemble_metrics.items()}
+  clash = sorted(set(columns) & set(combined))
+  if clash:
+    raise config_utils.ConfigError(f'--name: {clash} is also the name of an ensemble column')
+  summary = {'members': {name: {'checkpoint': d, 'metrics': columns[name]}
+                         for name, d in zip(names, step_dirs)},
+             'ensemble': combined}
+  if overrides:
+    summary['overrides'] = list(overrides)
+  out = out or os.path.join(os.path.commonpath([os.path.abspath(w) for w in workdirs]),
+                            'ensemble')
+  table = comparison_table({**columns, **combined})
+  _write(out, summary, {}, 'ensemble.json')
+  with open(os.path.join(out, 'ensemble.md'), 'w') as f:
+    f.write(table + '\n')
+  print(f'{table}\nWrote {os.path.join(out, "ensemble.json")} and ensemble.md.')
+  return summary
+
+
 def define_flags() -> None:
   """Registers the command-line flags (only when run as a program, so importing is side-free)."""
   flags.DEFINE_multi_string('workdir', None, 'Run folder (holds checkpoints/ and best/); '
@@ -160,6 +215,8 @@ def define_flags() -> None:
   flags.DEFINE_multi_string('name', [], 'With several --workdir: the runs\' names, in order.')
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest', a step number or a step directory.")
   flags.DEFINE_string('out', None, 'Output folder for metrics.json and the figures.')
+  flags.DEFINE_bool('ensemble', False, 'With several --workdir: evaluate them as one ensemble '
+                    '(each member and the ensemble in one table).')
   flags.DEFINE_multi_string('set', [], 'KEY=VALUE: change a key of the saved config (repeatable).')
   flags.DEFINE_integer('outline_every', None, 'Renamed: use --set=plot_outline_every=N.')
 
@@ -176,7 +233,11 @@ def main(argv: list[str]) -> None:
     raise app.UsageError('--workdir is required unless --checkpoint is a step directory')
   xla_flags.apply_defaults()
   metric_writer.quiet_library_logs()
-  if len(workdirs) > 1:
+  if f.ensemble:
+    if len(workdirs) < 2:
+      raise app.UsageError('--ensemble needs two or more --workdir (the members)')
+    evaluate_ensemble(workdirs, f.checkpoint, f.out, f.set, f.name)
+  elif len(workdirs) > 1:
     compare_runs(workdirs, f.checkpoint, f.out, f.set, f.name)
   else:
     evaluate_checkpoint(workdirs[0] if workdirs else None, f.checkpoint, f.out, f.set)

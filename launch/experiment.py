@@ -68,6 +68,16 @@ class Experiment(Protocol):
               ) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict[str, Any]]]:
     """Train-mode forward: (loss, (scalar metrics, updated non-param collections))."""
 
+  def step_constants(self) -> dict[str, Any]:
+    """Optional: {collection: tree of arrays} that `loss_fn` finds in its `variables` but that are
+    neither trained nor saved, e.g. a distillation's teachers.
+
+    The trainer passes them to the jitted step as an argument, replicated over the mesh (arrays
+    closed over by `loss_fn` would be embedded in the compiled program); they get no gradient and
+    no optimiser state, are in no checkpoint, and a resumed run takes them from the experiment
+    again. Their names must differ from those of `init`'s collections.
+    """
+
   def evaluate(self, variables: dict[str, Any]) -> EvalResult:
     """Host-side evaluation on the validation data: metrics and figures."""
 

@@ -34,6 +34,12 @@ The interface module may define any of these (a command that needs a missing one
   compare_figures(results) -> Mapping[str, figure]
       `launch.evaluate` of several runs of this package: figures that put them side by side,
       given {run name: what each run's `Experiment.evaluate` returned}.
+  evaluate_ensemble(checkpoints, config) -> (list[Mapping[str, float]],
+                                             Mapping[str, Mapping[str, float]])
+      `launch.evaluate --ensemble`: the runs' checkpoints (step directories, in order) are the
+      members of one ensemble, which the package loads, checks (one architecture) and runs
+      together; `config` is the first run's config with --set applied (validation data and
+      settings). Returns each member's metrics, in order, and {ensemble rule: its metrics}.
   CONVERTERS: Mapping[str, str]
       `launch.convert --model=NAME` names this package converts from PyTorch, with a one-line
       description each.
@@ -49,6 +55,13 @@ The interface module may define any of these (a command that needs a missing one
       (each a mapping of `bench_inference.Case`'s fields, variants a mapping each).
   BENCHMARKS: Mapping[str, Callable[[int], None]]
       Other `launch.benchmark --bench=NAME` measurements, given --steps; they print their results.
+  TORCH_TRAIN_STEPS: Mapping[str, Callable[..., Callable[[], None]]]
+      `launch.benchmark --bench=train --original=PATH`: {experiment module: make_step}, where
+      make_step(config, batch, *, original, device) builds the original network's training step
+      on that batch (NumPy) and device and returns a function running one optimiser step.
+  BENCHMARK_SUITES: Mapping[str, Callable[[str], Sequence[Mapping]]]
+      `launch.benchmark --suite=NAME`: the package's cases of suite NAME (e.g. 'gpu') at a scale
+      ('full' or 'tiny'), as described in launch/bench_suite.py.
 
 What the experiment of a run provides (`config.experiment`) is in launch/experiment.py. A package
 reports bad input (files, config keys, options) with the errors of `ultrasound_common.errors`, which

@@ -33,6 +33,20 @@ whose `.grad` is None (multi-task models that run one head per batch); plain Ada
 unused heads and their moments every step. The learning-rate schedule stays global (one
 `scheduler.step()` per optimiser step), as in torch. A used group whose gradient happens to be
 exactly zero everywhere is skipped too, where torch would still decay it.
+
+Layer-wise learning-rate decay (`optim.layer_decay`: the rate, 0 = off), as ViTPose's
+`LayerDecayOptimizerConstructor` (mmcv_custom/layer_decay_optimizer_constructor.py) and MAE do it:
+every parameter gets a layer id, and its whole update is multiplied by
+rate ** (num_layers - layer_id - 1). The model's config gives the ids, so that this module knows
+no model: `optim.layer_ids` is an ordered list of (regex, first id) rules over the paths; the first
+rule that fully matches gives `first id`, plus the integer of its first capture group if it has one
+(e.g. `(r'backbone/blocks_(\d+)/.*', 1)`: block i is layer i + 1); a parameter that no rule matches
+is layer num_layers - 1 (scale 1), as ViTPose's final norm and heads; `optim.num_layers` is that
+count (ViTPose: depth + 2). The scale multiplies the update after the weight decay, so the decay is
+scaled too: torch's AdamW decays by lr_group * wd with each group's own lr, and ViTPose's groups
+keep the unscaled `weight_decay` while their lr is scaled. It composes with the rest: frozen
+parameters stay at zero, unused sparse groups stay untouched, clipping sees the unscaled gradients
+(torch clips before the step, whatever the groups' learning rates).
 """
 from collections.abc import Mapping, Sequence
 import functools
@@ -324,6 +338,58 @@ def _per_sparse_group(make_inner, patterns: Sequence[str]) -> optax.GradientTran
   return optax.GradientTransformation(init, update)
 
 
+def layer_scales(params, rate: float, num_layers: int, rules: Sequence[Sequence[Any]], *,
+                 check: bool = True):
+  """A pytree like `params` of Python floats: rate ** (num_layers - layer_id - 1), module docstring.
+
+  Raises:
+    InputError: a rule is not a (regex, first id) pair, a regex is invalid or (with `check`)
+      matches no parameter, or a layer id falls outside [0, num_layers); the message names the key.
+  """
+  key = 'optim.layer_ids'
+  if not 0.0 < rate <= 1.0:
+    raise errors.InputError(f'config.optim.layer_decay must be in (0, 1] (0 switches it off), '
+                            f'got {rate}')
+  if num_layers < 1:
+    raise errors.InputError(f'config.optim.num_layers must be >= 1 with config.optim.layer_decay, '
+                            f'got {num_layers}')
+  for rule in rules:
+    if (isinstance(rule, str) or len(rule) != 2 or not isinstance(rule[1], int)
+        or isinstance(rule[1], bool)):
+      raise errors.InputError(f'config.{key}: each rule is a (regex, first layer id) pair, got '
+                              f'{rule!r}')
+  compiled = _compile_patterns([r[0] for r in rules], key)
+  if check:
+    _check_all_match(compiled, _paths(params), key)
+
+  def scale(path, _):
+    path = param_path(path)
+    layer = num_layers - 1
+    for pattern, (_, first) in zip(compiled, rules):
+      m = pattern.fullmatch(path)
+      if m:
+        layer = first + (int(m.group(1)) if m.groups() else 0)
+        break
+    if not 0 <= layer < num_layers:
+      raise errors.InputError(f'config.{key}: {path} gets layer id {layer}, outside [0, '
+                              f'config.optim.num_layers = {num_layers})')
+    return float(rate) ** (num_layers - layer - 1)
+
+  return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def _scale_by_layer(rate: float, num_layers: int,
+                    rules: Sequence[Sequence[Any]]) -> optax.GradientTransformation:
+  """Multiplies each update by its `layer_scales` factor (computed from the paths; no state)."""
+
+  def update(updates, state, params=None):
+    del params
+    scales = layer_scales(updates, rate, num_layers, rules, check=False)
+    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def masked_global_norm(tree, mask) -> jax.Array:
   """Global L2 norm over the leaves of `tree` whose `mask` entry is True."""
   leaves = [x for x, keep in zip(jax.tree.leaves(tree), jax.tree.leaves(mask)) if keep]
@@ -340,7 +406,8 @@ def make_optimizer(optim_config: Mapping[str, Any], *, total_steps: int, warmup_
     optim_config: `config.optim` with keys lr, weight_decay (0), b1 (0.9), b2 (0.999),
       eps (1e-8), grad_clip_norm (None = no clipping), schedule ('warmup_cosine'), no_decay
       (regexes of parameters without weight decay), sparse_groups (regexes with a capture group:
-      groups that an unused step leaves untouched; module docstring).
+      groups that an unused step leaves untouched; module docstring), layer_decay (0: off),
+      num_layers and layer_ids (the layer-wise learning-rate decay; module docstring).
     total_steps: number of optimiser steps of the run.
     warmup_steps: warmup length in steps.
     frozen: regexes of parameter paths that must not change.
@@ -377,8 +444,15 @@ def make_optimizer(optim_config: Mapping[str, Any], *, total_steps: int, warmup_
             optax.add_decayed_weights(weight_decay, decay_mask if no_decay else None)), sparse),
         optax.scale_by_learning_rate(schedule))
 
+  rate = float(optim_config.get('layer_decay', 0.0) or 0.0)
+  rules = tuple(tuple(r) if isinstance(r, (list, tuple)) else r
+                for r in optim_config.get('layer_ids', ()) or ())
+  num_layers = int(optim_config.get('num_layers', 0) or 0)
+
   def labels(params):
     path_mask(params, no_decay, 'optim.no_decay')  # Every pattern must match a parameter.
+    if rate:
+      layer_scales(params, rate, num_layers, rules)  # Every rule must match and fit.
     groups = (sparse_group_names(params, sparse) if sparse
               else jax.tree.map(lambda _: '', params))
     return jax.tree.map(lambda keep, group: (FROZEN if not keep else SPARSE if group
@@ -386,6 +460,8 @@ def make_optimizer(optim_config: Mapping[str, Any], *, total_steps: int, warmup_
                         trainable_mask(params, frozen), groups)
 
   tx = optax.multi_transform(transforms, labels)
+  if rate:
+    tx = optax.chain(tx, _scale_by_layer(rate, num_layers, rules))
   clip = optim_config.get('grad_clip_norm', None)
   if clip:
     # One norm over every trainable gradient (frozen ones excluded; unused sparse groups add 0).

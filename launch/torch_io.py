@@ -302,6 +302,17 @@ def _materialize(obj: Any, reader: _TensorReader, name: str, memo: dict[int, Any
   return obj
 
 
+def _nested_state_dicts(obj: Mapping[Any, Any]) -> dict[str, Mapping[str, Any]]:
+  """The entries of a checkpoint that nests several networks' state dicts (e.g. I-JEPA's
+  'encoder', 'predictor', 'target_encoder'): those that map names to tensors only. None for a
+  raw state dict (a tensor at the top level)."""
+  if any(isinstance(value, _TensorRef) for value in obj.values()):
+    return {}
+  return {entry: value for entry, value in obj.items()
+          if isinstance(entry, str) and isinstance(value, Mapping) and value
+          and all(isinstance(k, str) and isinstance(v, _TensorRef) for k, v in value.items())}
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """A model's state dict from a `torch.save` file, as NumPy arrays, in the file's key order.
 
@@ -309,8 +320,10 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   `src/utils/utils.py::load_model_weights`: a dict with a 'model' entry (the training checkpoints
   of `src/engine/loops.py::run_training`) gives that entry, and the `_orig_mod.` prefix of
   `torch.compile` is removed. (DDP's `module.` never reaches a checkpoint: the original saves
-  `model.module.state_dict()`.) Only the state dict's tensors are read from the file, not the
-  optimiser state of a training checkpoint.
+  `model.module.state_dict()`.) A checkpoint without 'model' that nests several state dicts
+  (I-JEPA's 'encoder', 'predictor' and 'target_encoder') gives all of them in one dict, keys
+  '<entry>.<key>'; its other entries (optimiser state, numbers) are left out. Only the state
+  dicts' tensors are read from the file, not the optimiser state of a training checkpoint.
 
   Raises:
     ValueError: the file is not a torch>=1.6 zip checkpoint, or the state dict is not a mapping of
@@ -321,6 +334,9 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   with _open(path) as (obj, reader):
     if isinstance(obj, Mapping) and 'model' in obj:
       obj = obj['model']
+    elif isinstance(obj, Mapping) and _nested_state_dicts(obj):
+      obj = {f'{entry}.{key}': value for entry, state_dict in _nested_state_dicts(obj).items()
+             for key, value in state_dict.items()}
     if not isinstance(obj, Mapping):
       raise errors.InputError(
           f'{path}: expected a state dict (or a dict with a "model" state dict), '
@@ -340,10 +356,12 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   return state_dict
 
 
-def save_state_dict(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
+def save_state_dict(path: str, state_dict: Mapping[str, Any]) -> None:
   """Writes a raw state dict with `torch.save`, atomically (a temp file, then a rename).
 
-  Keys keep their order; bfloat16 arrays become torch.bfloat16 tensors.
+  Keys keep their order; bfloat16 arrays become torch.bfloat16 tensors. A checkpoint that nests
+  state dicts beside plain values (I-JEPA's training checkpoint) is written as well: arrays in
+  nested dicts, lists and tuples become tensors, other values (numbers, strings, None) stay.
 
   Raises:
     ImportError: torch is not installed (`pip install 'ultrasound-jax[convert]'`).
@@ -360,7 +378,14 @@ def save_state_dict(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
       return torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(value)
 
-  out = collections.OrderedDict((k, tensor(v)) for k, v in state_dict.items())
+  def convert(value):
+    if isinstance(value, Mapping):
+      return collections.OrderedDict((k, convert(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+      return type(value)(convert(v) for v in value)
+    return tensor(value) if hasattr(value, '__array__') else value  # NumPy or JAX arrays.
+
+  out = convert(state_dict)
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
   os.close(fd)

@@ -99,18 +99,34 @@ def init_state(experiment, tx: optax.GradientTransformation, rng: jax.Array,
           'opt_state': tx.init(variables['params'])}
 
 
+def step_constants(experiment, variables, mesh) -> dict[str, Any]:
+  """The experiment's optional `step_constants()`, replicated over `mesh` (launch/experiment.py).
+
+  They reach the jitted step as an argument: an array closed over by the step would be embedded in
+  the compiled program (five teachers: gigabytes of constants).
+  """
+  constants = dict(experiment.step_constants()) if hasattr(experiment, 'step_constants') else {}
+  clash = sorted(set(constants) & set(variables))
+  if clash:
+    raise errors.InputError(f'Experiment.step_constants names collections {clash} that '
+                            'Experiment.init also creates')
+  # From host memory, so that every process puts its identical copy on its devices.
+  return jax.device_put(jax.device_get(constants), sharding.replicated(mesh))
+
+
 def make_train_step(experiment, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     frozen=()):
-  """The pure update function (state, batch) -> (state, metrics), to be jitted by the caller."""
+  """The pure update function (state, batch[, constants]) -> (state, metrics), to be jitted by
+  the caller; `constants` are the experiment's `step_constants()` (launch/experiment.py)."""
 
-  def train_step(state, batch):
+  def train_step(state, batch, constants=None):
     step, variables = state['step'], state['variables']
     # A fresh key per step, derived from the step: identical after a resume, and independent of
     # how the batch is sharded (threefry is partitionable).
     rng = jax.random.fold_in(state['rng'], step)
 
     def loss_of(params):
-      return experiment.loss_fn({**variables, 'params': params}, batch, rng)
+      return experiment.loss_fn({**(constants or {}), **variables, 'params': params}, batch, rng)
 
     (loss, (metrics, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(
         variables['params'])
@@ -299,9 +315,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, f
           state_sharding['variables'])
     writer.text(0, 'config', '```\n' + json.dumps(config_json, indent=2) + '\n```')
 
+  constants = step_constants(experiment, abstract_state['variables'], mesh)
   train_step = jax.jit(
       make_train_step(experiment, tx, schedule, frozen),
-      in_shardings=(state_sharding, batch_sharding),
+      in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=(0,))
 
@@ -316,7 +333,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, f
     try:
       for step in range(start, total_steps):
         batch = sharding.global_batch(next(train_iter), batch_sharding)
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, batch, constants)
         pending.append((step, metrics))
         done = step + 1
         last = done == total_steps

@@ -7,7 +7,8 @@
 there, never copied. The baseline scripts import their whole training stack at module level
 (timm, h5py, pandas, the logger), so a model class defined inside a script is taken out of the
 script's syntax tree and executed alone. Needs torch, einops and torchvision (its pure-Python
-"shim" suffices: docs/dualtrack.md, section "Reference environment").
+"shim" suffices: docs/dualtrack.md, section "Reference environment"), and timm for the 2-frame
+CNN's backbones (`resnet10t`, `efficientnet_b1`; recorded with timm 1.0.31).
 
 Same format and weight recipe as scripts/record_dualtrack_goldens.py (tests/dualtrack_goldens.py):
 weights regenerated from a seed, inputs from seeds, only the outputs stored; float32, eval mode.
@@ -73,6 +74,18 @@ def _blocks(original: str, torch) -> dict[str, Block]:
     model = convnet(in_channels=2, custom_init=False)
     return model, lambda x: {'poses': model(x['pairs'])}
 
+  def timm_backbone(model_flag):
+    def build():
+      # The script's own `create_model(args)` (timm.models.create_model(..., in_chans=2,
+      # num_classes=6, drop_rate=args.dropout), no pretrained weights) with the README's flags.
+      import timm
+      create_model = _definitions(original, 'scripts/baselines/train_2_frame_cnn.py',
+                                  ('create_model',), {**namespace, 'timm': timm})['create_model']
+      model = create_model(types.SimpleNamespace(model=model_flag, optical_flow=False,
+                                                 dropout=0.25))
+      return model, lambda x: {'poses': model(x['pairs'])}
+    return build
+
   def lstm():
     model = torch.nn.LSTM(12, 8, num_layers=2, batch_first=True)
     return model, lambda x: {'hidden': model(x['sequence'])[0]}
@@ -118,6 +131,19 @@ def _blocks(original: str, torch) -> dict[str, Block]:
           '2-frame CNN of Prevost et al. 2018 on a stacked frame pair (128 x 128)',
           'train_2_frame_cnn.Prevost2018ConvNet(in_channels=2, custom_init=False)', prevost, 401,
           random_inputs={'pairs': ((3, 2, 128, 128), 'uniform', 402)}),
+      'resnet10t': Block(
+          '2-frame CNN backbone: timm resnet10t, 2 input channels, 6 outputs (odd sizes: the '
+          'ceil-mode average pool of the shortcuts)',
+          "train_2_frame_cnn.create_model(--model resnet10): timm.models.create_model('resnet10t', "
+          'in_chans=2, num_classes=6, drop_rate=0.25)', timm_backbone('resnet10'), 451,
+          random_inputs={'pairs': ((2, 2, 40, 48), 'uniform', 452)}),
+      'efficientnet_b1': Block(
+          '2-frame CNN backbone of the README command: timm efficientnet_b1, 2 input channels, '
+          '6 outputs',
+          "train_2_frame_cnn.create_model(--model efficientnet_b1): timm.models.create_model("
+          "'efficientnet_b1', in_chans=2, num_classes=6, drop_rate=0.25)",
+          timm_backbone('efficientnet_b1'), 461,
+          random_inputs={'pairs': ((2, 2, 40, 40), 'uniform', 462)}),
       'lstm': Block(
           'torch.nn.LSTM, 2 layers, 12 -> 8, batch_first', 'torch.nn.LSTM(12, 8, num_layers=2, '
           'batch_first=True)', lstm, 411,
@@ -161,10 +187,14 @@ def main() -> None:
   unknown = sorted(set(names) - set(blocks))
   if unknown:
     raise SystemExit(f'--only: unknown blocks {unknown}; known: {sorted(blocks)}')
+  versions = {'python': platform.python_version(), 'torch': torch.__version__,
+              'numpy': np.__version__}
+  if importlib.util.find_spec('timm'):
+    import timm
+    versions['timm'] = timm.__version__
   common_meta = {'upstream': 'https://github.com/ImFusionGmbH/DualTrack',
                  'upstream_commit': _commit(original, args.commit),
-                 'versions': {'python': platform.python_version(), 'torch': torch.__version__,
-                              'numpy': np.__version__},
+                 'versions': versions,
                  'recorded_with': 'scripts/record_baseline_goldens.py'}
   os.makedirs(args.out, exist_ok=True)
   for name in names:

@@ -14,6 +14,10 @@ and the same soft-argmax, loaded with our weights through `sonichu_jax.convert.t
 both sides compute the same function (their outputs are compared first).
 
 Weights are seeded noise with activation-preserving scales (speed does not depend on them).
+
+`options.model_options` selects `SWITCHES` ('KEY=VALUE', `--model_options`): the same function
+computed another way (docs/performance.md), so the torch side is unchanged; with
+fold_batch_norm=true ours runs on the folded variables.
 """
 from collections.abc import Iterator, Mapping
 import functools
@@ -25,14 +29,20 @@ import numpy as np
 
 from sonichu_jax import convert
 from sonichu_jax import tasks
+from sonichu_jax.models import heads
 from sonichu_jax.models import sonichu
+from ultrasound_common import attention
 from ultrasound_common import errors
+from ultrasound_common import switches
 
 PRESETS = {'sonichu_124m': {}}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 TASK = 'HC'
 IMAGE_SIZE = 256
 ORIGINAL = 'timm'
+SWITCHES = {'attention_implementation': attention.IMPLEMENTATIONS,
+            'deconv_implementation': heads.DECONV_IMPLEMENTATIONS,
+            'fold_batch_norm': (False, True)}
 
 
 def random_variables(model: sonichu.SonichuModel, seed: int) -> dict[str, Any]:
@@ -120,11 +130,14 @@ def cases(options, *, overrides: Mapping[str, Any] | None = None) -> Iterator[di
                             f'--original={ORIGINAL} (the same network built from timm)')
   if options.tile is not None:
     raise errors.InputError('--tile: SONICHU takes single images; there is nothing to tile')
+  settings = switches.parse(options.model_options, SWITCHES)
   kwargs = {**PRESETS[preset_name], **(overrides or {}), 'tasks': (TASK,)}
-  models = {name: sonichu.SonichuModel(**kwargs, dtype=DTYPES[name]) for name in options.dtypes}
+  models = {name: sonichu.SonichuModel(**kwargs, **settings, dtype=DTYPES[name])
+            for name in options.dtypes}
   reference = sonichu.SonichuModel(**kwargs)
   variables = random_variables(reference, options.seed)
   module = torch_model(reference, variables, TASK) if options.original else None
+  ours = sonichu.fold_batch_norm(variables) if settings.get('fold_batch_norm') else variables
   rng = np.random.default_rng(options.seed)
   for batch in options.sizes:
     images = rng.standard_normal((batch, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
@@ -134,10 +147,11 @@ def cases(options, *, overrides: Mapping[str, Any] | None = None) -> Iterator[di
       torch_inputs = (torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),)
     yield dict(
         label=(f'sonichu {preset_name}, batch {batch} ({IMAGE_SIZE}x{IMAGE_SIZE}, task {TASK}, '
-               f'ViT depth {reference.depth} width {reference.embed_dim})'),
+               f'ViT depth {reference.depth} width {reference.embed_dim})'
+               f'{switches.describe(settings)}'),
         items=batch, item_name='images', inputs=(images,),
         variants=tuple(dict(dtype=name, fn=functools.partial(_apply, models[name]),
-                            variables=variables) for name in options.dtypes),
+                            variables=ours) for name in options.dtypes),
         torch_module=module, torch_inputs=torch_inputs,
         to_numpy=lambda coords: coords.float().numpy())
 

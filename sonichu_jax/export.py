@@ -13,7 +13,9 @@ per task: the backbone, nearly all of the compute, runs once for all of them, an
 stays one module with one signature. Each task's head costs about 8 % of the backbone, so the
 option tasks=A,B exports (and ships the variables of) only the heads a deployment serves; the
 default is the run's config.data.tasks (all nine when empty). Flip test-time augmentation follows
-config.eval_tta (option flip_tta=true|false overrides it) and doubles the compute.
+config.eval_tta (option flip_tta=true|false overrides it) and doubles the compute. Option
+fold_batch_norm=true ships the heads' BatchNorm folded into their deconvolutions (the same
+function; docs/performance.md).
 """
 from collections.abc import Mapping
 from typing import Any
@@ -55,7 +57,7 @@ def keypoints_spec(model: sonichu.SonichuModel, variables: Mapping[str, Any],
     variables: its variables.
     config_tasks: config.data.tasks (empty: all nine), the default of option tasks.
     flip_tta: config.eval_tta, the default of option flip_tta.
-    options: the export options (tasks, flip_tta).
+    options: the export options (tasks, flip_tta, fold_batch_norm).
   """
   text = options.get('tasks')
   names = tuple(t.strip() for t in text.split(',') if t.strip()) if text is not None else (
@@ -72,10 +74,16 @@ def keypoints_spec(model: sonichu.SonichuModel, variables: Mapping[str, Any],
   if tta_text.lower() not in _BOOLEANS:
     raise errors.InputError(f'export option flip_tta={tta_text!r}: expected true or false')
   tta = _BOOLEANS[tta_text.lower()]
-  reduced = model.clone(parent=None, tasks=names)
+  fold_text = options.get('fold_batch_norm', 'false')
+  if fold_text.lower() not in _BOOLEANS:
+    raise errors.InputError(f'export option fold_batch_norm={fold_text!r}: expected true or false')
+  fold = _BOOLEANS[fold_text.lower()]
+  reduced = model.clone(parent=None, tasks=names, fold_batch_norm=fold)
   keep = {'backbone', *(f'heads_{name}' for name in names)}
   shipped = {collection: {k: v for k, v in tree.items() if k in keep}
              for collection, tree in variables.items()}
+  if fold:
+    shipped = sonichu.fold_batch_norm(shipped)
   size = preprocess.IMAGE_SIZE
   mean, std = preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD
 
@@ -95,7 +103,8 @@ def keypoints_spec(model: sonichu.SonichuModel, variables: Mapping[str, Any],
       outputs={f'keypoints_{t}': f'(b, {task_info[t]["num_keypoints"]}, 2) float32: {t} '
                                  'keypoints, normalised (x, y) in (0, 1) of the image'
                for t in names},
-      options={'tasks': ','.join(names), 'flip_tta': str(tta).lower()},
+      options={'tasks': ','.join(names), 'flip_tta': str(tta).lower(),
+               'fold_batch_norm': str(fold).lower()},
       metadata={
           'model': 'SONICHU (ViT backbone, one ViTPose head per task)',
           'tasks': task_info, 'flip_tta': tta,

@@ -7,6 +7,7 @@ max |original| must stay within 1e-5. No torch needed.
 """
 import os
 
+import h5py
 import jax
 import numpy as np
 import pytest
@@ -14,7 +15,9 @@ import pytest
 import dualtrack_goldens
 from dualtrack_jax import baseline_benchmarks
 from dualtrack_jax import convert
+from dualtrack_jax import feature_cache
 from dualtrack_jax import interface
+from dualtrack_jax import pose
 from dualtrack_jax.data import pipeline
 from dualtrack_jax.data import registry
 from dualtrack_jax.data import simulator
@@ -25,11 +28,17 @@ from dualtrack_jax.experiments import baseline_monet
 from dualtrack_jax.experiments import baseline_two_frame
 from dualtrack_jax.experiments import baselines
 from dualtrack_jax.experiments import common
+from dualtrack_jax.experiments import local_stage1
+from dualtrack_jax.data import transforms
 from dualtrack_jax.models import baselines as models
+from dualtrack_jax.models import efficientnet
+from dualtrack_jax.models import resnet_timm
 from launch import bench_inference
 from launch import config_utils
 from launch import sharding
 from launch import trainer
+import tiny_runs
+from ultrasound_common import checkpoints
 from ultrasound_common import errors
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'baselines')
@@ -79,6 +88,116 @@ def test_prevost_convnet_parity():
   assert error <= RTOL, f'prevost_convnet: relative error {error:.2e}'
 
 
+@pytest.mark.parametrize('name,model,table', [
+    ('resnet10t', resnet_timm.ResNet10T(), baselines.RESNET10T),
+    ('efficientnet_b1', efficientnet.EfficientNet(), baselines.EFFICIENTNET),
+])
+def test_timm_backbone_parity(name, model, table):
+  """timm's resnet10t and efficientnet_b1 as train_2_frame_cnn.create_model builds them."""
+  golden = dualtrack_goldens.load_golden(name, FIXTURES)
+  pairs = np.moveaxis(golden.random_input('pairs'), 1, -1)
+  variables = golden_variables(golden, table, model, pairs)
+  error = relative_error(jax.jit(model.apply)(variables, pairs), golden.outputs['poses'])
+  assert error <= RTOL, f'{name}: relative error {error:.2e}'
+  # Export gives timm's state dict back: the same keys and tensors.
+  state = golden.state_dict()
+  exported = convert.to_torch(variables, table)
+  assert sorted(exported) == sorted(state)
+  assert all(np.array_equal(exported[k], state[k]) for k in state if 'num_batches' not in k)
+
+
+def _euler_zyx(angles):
+  """pytorch3d `euler_angles_to_matrix(angles, 'ZYX')`: Rz(a0) @ Ry(a1) @ Rx(a2), radians."""
+  def axis(i, a):
+    c, s = np.cos(a), np.sin(a)
+    j, k = [n for n in range(3) if n != i]
+    r = np.eye(3)
+    r[j, j], r[j, k], r[k, j], r[k, k] = c, -s, s, c
+    return r if i != 1 else r.T  # The y rotation's sines sit the other way round.
+  return axis(2, angles[0]) @ axis(1, angles[1]) @ axis(0, angles[2])
+
+
+def test_point_loss_matches_the_challenge_baseline():
+  """baselines.point_mse against the TUS-REC baseline's formula, in NumPy, in its own frame.
+
+  The challenge: label points C^-1 T0^-1 T1 C S p, predicted points T(params) S p with params
+  (ZYX Euler angles in radians, translation) in the corner-origin image-mm frame, p the four
+  1-based corner pixels (x, y, 0, 1); MSELoss over every coordinate. Ours: the same two transforms
+  as pose vectors of the centred crop frame (0-based pixels), the crop's `pixel_to_image`.
+  """
+  rng = np.random.default_rng(0)
+  h, w, scale = 48, 64, np.array([0.3, 0.25, 1.0])
+
+  def rigid(angles, translation):
+    m = np.eye(4)
+    m[:3, :3], m[:3, 3] = _euler_zyx(angles), translation
+    return m
+
+  s = np.diag([*scale, 1.0])  # pixel -> image mm (TUS-REC's calib_matrix.csv, first matrix)
+  calib = rigid(rng.normal(0, 1, 3), rng.normal(0, 20, 3))  # image mm -> tool
+  corners = np.array([[1, w, 1, w], [1, 1, h, h], [0] * 4, [1] * 4], np.float64)
+  diffs, pred_vectors, target_vectors = [], [], []
+  for _ in range(3):
+    t0, t1 = (rigid(rng.normal(0, 0.5, 3), rng.normal(0, 50, 3)) for _ in range(2))
+    label = np.linalg.inv(calib) @ np.linalg.inv(t0) @ t1 @ calib
+    params = np.concatenate([rng.normal(0, 0.05, 3), rng.normal(0, 2, 3)])
+    predicted = rigid(params[:3], params[3:])
+    diffs.append((predicted @ s @ corners - label @ s @ corners)[:3])  # (xyz, points)
+    # The same transforms in the centred frame: challenge mm = centred mm + scale * ((w+1)/2, ...).
+    shift = np.eye(4)
+    shift[:2, 3] = scale[:2] * (np.array([w, h]) + 1) / 2
+    for m, out in ((predicted, pred_vectors), (label, target_vectors)):
+      out.append(pose.matrix_to_pose_vector(np.linalg.inv(shift) @ m @ shift))
+  diffs = np.stack(diffs)
+  # torch.nn.MSELoss over (batch, xyz, points); PointDistance: the mean Euclidean distance.
+  expected_loss = np.mean(np.square(diffs))
+  expected_distance = np.mean(np.sqrt(np.sum(np.square(diffs), axis=1)))
+  pixel_to_image = np.broadcast_to(transforms.centred_pixel_to_image(scale, (h, w)), (3, 4, 4))
+  args = [jax.numpy.asarray(np.float32(a)) for a in (pred_vectors, target_vectors, pixel_to_image)]
+  assert expected_distance > 1.0  # Rotations about a far-away tool origin: millimetres.
+  np.testing.assert_allclose(float(baselines.point_mse(*args, (h, w))), expected_loss, rtol=1e-4)
+  np.testing.assert_allclose(float(baselines.point_distance(*args, (h, w))), expected_distance,
+                             rtol=1e-4)
+
+
+def test_two_frame_backbones_and_their_switches():
+  config = config_utils.load_config_file(os.path.join(CONFIGS, 'baseline_two_frame.py'))
+  assert config.model.backbone == 'efficientnet_b1' and config.loss == 'pose'  # README command
+  challenge = config_utils.load_config_file(
+      f'{os.path.join(CONFIGS, "baseline_two_frame.py")}:challenge')
+  assert (challenge.loss, challenge.model.backbone, challenge.model.drop_path) == (
+      'points', 'efficientnet_b1', 0.2)
+  for backbone, module in (('prevost', models.PrevostConvNet),
+                           ('resnet10t', resnet_timm.ResNet10T),
+                           ('efficientnet_b1', efficientnet.EfficientNet)):
+    config.model.backbone = backbone
+    assert isinstance(baseline_two_frame.network(config.model), module)
+  config.model.norm = 'batch'
+  with pytest.raises(errors.InputError, match=r"config.model.norm='batch'.*not efficientnet_b1"):
+    baseline_two_frame.network(config.model)
+  config.model.update(norm=None, backbone='prevost', drop_path=0.1)
+  with pytest.raises(errors.InputError, match=r'config.model.drop_path=0.1.*not prevost'):
+    baseline_two_frame.network(config.model)
+  config.loss = 'ddf'
+  with pytest.raises(errors.InputError, match=r"config.loss='ddf'.*pose, points"):
+    baseline_two_frame.Experiment(config, load_data=False)
+
+
+def test_two_frame_cnn_converts_from_and_to_torch():
+  """launch.convert --model=two_frame_cnn: the backbone from the keys, the state dict back."""
+  state = dualtrack_goldens.load_golden('resnet10t', FIXTURES).state_dict()
+  config = config_utils.load_config_file(interface.converter_config('two_frame_cnn', 'full'))
+  variables, config = interface.from_torch('two_frame_cnn', state, config, source='model.pt',
+                                           allow_reinit=None, seed=0)
+  assert config.model.backbone == 'resnet10t'
+  back = interface.to_torch(variables, config, source='run')
+  assert list(back) == list(state)
+  assert all(np.array_equal(back[k], state[k]) for k in state if 'num_batches' not in k)
+  with pytest.raises(errors.InputError, match=r'other.pt: not a train_2_frame_cnn.py model'):
+    interface.from_torch('two_frame_cnn', {'stem.weight': np.zeros(1)}, config,
+                         source='other.pt', allow_reinit=None, seed=0)
+
+
 @pytest.fixture(scope='module')
 def sim_cache(tmp_path_factory):
   """One folder of simulated sweeps for every training test (they are generated once)."""
@@ -122,6 +241,8 @@ def test_two_frame_refuses_a_clip_backbone():
 @pytest.mark.slow
 @pytest.mark.parametrize('name,data,model', [
     ('baseline_two_frame.py', {}, {}),
+    # The challenge's point loss (on the Prevost ConvNet: EfficientNet-B1 compiles slowly).
+    ('baseline_two_frame.py:challenge_sim', {}, dict(backbone='prevost', drop_path=0.0)),
     ('baseline_monet.py', dict(window=4, crop=(32, 32)),
      dict(widths=(4, 4, 8, 8), stem_width=4, lstm_hidden=8, lstm_layers=1)),
     ('baseline_dclnet.py', dict(crop=(32, 32)), TINY_DCLNET),
@@ -129,7 +250,8 @@ def test_two_frame_refuses_a_clip_backbone():
 ])
 def test_sim_config_trains_and_evaluates(name, data, model, sim_cache, tmp_path, monkeypatch):
   """Each :sim config, shrunk: 2 training sweeps of 12 frames, 2 steps, then evaluation."""
-  config = config_utils.load_config_file(f'{os.path.join(CONFIGS, name)}:sim')
+  path, _, variant = name.partition(':')
+  config = config_utils.load_config_file(f'{os.path.join(CONFIGS, path)}:{variant or "sim"}')
   config.data.synthetic.update(num_train=2, num_val=1, cache_dir=sim_cache)
   config.data.synthetic.simulator = dict(num_frames=(12, 12), height=64, width=80)
   config.data.update(data)
@@ -294,6 +416,54 @@ def test_hybrid_two_stage_config_freezes_the_pretrained_cnn():
   assert [tuple(m) for m in config.init_from.cnn.map] == [('backbone', 'backbone')]
   stage1 = config_utils.load_config_file(os.path.join(CONFIGS, 'local_stage1.py'))
   assert stage1.model.causal is False  # The switch the two-stage recipe's first command sets.
+
+
+def _hybrid_cnn_run(workdir, **model):
+  """A stage-1 run (random weights) of the tiny hybrid's CNN: causal, kernels (3, 1, 1, 1)."""
+  config = config_utils.load_config_file(f'{os.path.join(CONFIGS, "local_stage1.py")}:sim')
+  config.data.crop = (32, 32)
+  config.model.update(dict(widths=TINY_HYBRID['widths'], stem_width=TINY_HYBRID['stem_width'],
+                           temporal_kernels=(3, 1, 1, 1), causal=True), **model)
+  shapes = jax.eval_shape(local_stage1.Experiment(config, load_data=False).init,
+                          jax.random.key(0), {'images': np.zeros((1, 2, 32, 32), np.uint8)})
+  return tiny_runs.save_run(str(workdir), config, tiny_runs.random_variables(shapes, 0))
+
+
+def test_hybrid_two_stage_trains_on_cached_cnn_features(sim_cache, tmp_path):
+  config = config_utils.load_config_file(
+      f'{os.path.join(CONFIGS, "baseline_hybrid.py")}:two_stage')
+  config.data.update(dataset='synthetic', crop=(32, 32))
+  config.data.synthetic.update(num_train=2, num_val=1, cache_dir=sim_cache)
+  config.data.synthetic.simulator = dict(num_frames=(12, 12), height=64, width=80)
+  config.model.update(TINY_HYBRID)
+  config.init_from.cnn.workdir = _hybrid_cnn_run(tmp_path / 'cnn')
+  config.feature_cache.directory = str(tmp_path / 'features')
+  experiment = baseline_hybrid.Experiment(config)
+  directory, key = experiment.fill_feature_cache()
+  assert experiment.fill_feature_cache() == (directory, key)  # Reused, same key.
+  stage1 = checkpoints.read_variables(config.init_from.cnn.workdir)
+  cnn = {c: {'backbone': t} for c, t in common.subtree(stage1, 'backbone').items()}
+  record = experiment.train_records[0]
+  cache = feature_cache.FeatureCache(directory, key)
+  with sweeps.SweepReader(record.path) as reader:
+    crops = common.center_crops(reader, (32, 32))[0]
+  np.testing.assert_allclose(cache.load(record.sweep_id),
+                             experiment.frame_features(cnn, crops)[0], rtol=1e-5, atol=1e-6)
+  # Training batches carry the cached features instead of the images.
+  batch = next(iter(experiment.train_dataset(seed=0, shard_index=0, shard_count=1)))
+  assert 'images' not in batch and batch['features'].shape == (1, 12, 8)
+  variables = random_variables(experiment.model, np.zeros((1, 3, 32, 32), np.float32))
+  loss, (metrics, updates) = experiment.loss_fn(variables, batch, jax.random.key(0))
+  assert np.isfinite(loss) and updates == {}
+  # A file of another CNN's width under this key; a stage-1 CNN that is not causal.
+  with h5py.File(cache.path(record.sweep_id), 'w') as f:
+    f['features'] = np.zeros((12, 64), np.float32)
+  with pytest.raises(errors.InputError, match=rf'{record.sweep_id}.h5: cached features of shape '
+                     rf'\(12, 64\).*another CNN.*cache key {key}'):
+    experiment.fill_feature_cache()
+  config.init_from.cnn.workdir = _hybrid_cnn_run(tmp_path / 'not_causal', causal=False)
+  with pytest.raises(errors.InputError, match=r"not_causal'?: its CNN \(model.causal=False"):
+    experiment.fill_feature_cache()
 
 
 @pytest.fixture(scope='module')

@@ -470,7 +470,8 @@ def test_cli_from_torch_writes_a_run_folder(tmp_path):
   # The original's head has no output scaling: identity standardisation.
   assert config['model'] == {'widths': [3, 4, 5, 6], 'stem_width': 2,
                              'temporal_kernels': [3, 3, 3, 3], 'target_mean': [0.0] * 6,
-                             'target_std': [1.0] * 6, 'causal': False}
+                             'target_std': [1.0] * 6, 'causal': False,
+                             'conv3d_implementation': 'frame_conv'}
   assert config['data']['crop'] == [256, 256]  # the rest is configs/dualtrack/local_stage1.py
   state = torch_io.load_state_dict(source)
   params, stats = variables['params'], variables['batch_stats']
@@ -492,8 +493,9 @@ def test_cli_failures_leave_nothing(tmp_path):
   with pytest.raises(ValueError, match=r'not a stage-1 local encoder'):
     convert_cli.convert_from_torch(fixture_path('raw_state_dict.pt'), str(tmp_path / 'run'),
                                    'local_stage1')
-  with pytest.raises(ValueError, match=r"--model='dualtrack': unknown; known: local_stage1, "
-                                       r'sonichu, tus_rec_2024, tus_rec_2025'):
+  with pytest.raises(ValueError, match=r"--model='dualtrack': unknown; known: ijepa, "
+                                       r'local_stage1, sonichu, tus_rec_2024, tus_rec_2025, '
+                                       r'two_frame_cnn'):
     convert_cli.convert_from_torch(source, str(tmp_path / 'run'), 'dualtrack')
   with pytest.raises(ValueError, match="--variant='sim': DualTrack conversions use the full"):
     convert_cli.convert_from_torch(source, str(tmp_path / 'run'), 'local_stage1', variant='sim')

@@ -265,7 +265,8 @@ def test_stage1_export_matches_live_predict_sweep(stage1, loaded, sweep_files):
   frames = manifest['inputs'][0]
   assert frames['shape'] == ['b', 'n', HEIGHT, WIDTH] and frames['dtype'] == 'uint8'
   assert manifest['constraints'] == ['n >= 2', 'n <= 64']
-  assert manifest['options'] == {'frame_size': '40x49', 'max_frames': '64'}
+  assert manifest['options'] == {'frame_size': '40x49', 'max_frames': '64',
+                                 'fold_batch_norm': 'false'}
   assert manifest['source'] == {'experiment': 'dualtrack_jax.experiments.local_stage1',
                                 'run_dir': run.run_dir, 'checkpoint_dir': run.checkpoint_dir,
                                 'step': 7}
@@ -308,7 +309,8 @@ def test_sonichu_export_matches_live_keypoints_with_flip_tta(sonichu, loaded, in
     manifest = json.load(f)
   assert [o['name'] for o in manifest['outputs']] == ['keypoints_HC', 'keypoints_fetal_femur']
   assert manifest['metadata']['flip_tta'] is True
-  assert manifest['options'] == {'tasks': 'fetal_femur,HC', 'flip_tta': 'true'}
+  assert manifest['options'] == {'tasks': 'fetal_femur,HC', 'flip_tta': 'true',
+                                 'fold_batch_norm': 'false'}
   # Only the exported heads are shipped.
   assert sorted(manifest['metadata']['tasks']) == ['HC', 'fetal_femur']
   restored = export.load(directory).variables
@@ -433,7 +435,7 @@ def test_options_are_validated_by_the_model(dualtrack_sweep, sonichu, tmp_path):
        "global source 'downsampled'.*--option global_source=context"),
       (dualtrack_sweep, {'frame_size': '40x49', 'tile': '3'},
        r'--option tile: not an export option of dualtrack_jax.experiments.fusion \(it takes '
-       r'frame_size, global_source\)'),
+       r'fold_batch_norm, frame_size, global_source\)'),
       (sonichu, {'tasks': 'HC,femur'}, "tasks=HC,femur: Unknown SONICHU task 'femur'"),
       (sonichu, {'flip_tta': 'maybe'}, "flip_tta='maybe': expected true or false"),
   ]

@@ -9,6 +9,7 @@ import os
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -294,6 +295,76 @@ def test_ema_follows_the_original_order(tiny_experiment):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+# Frozen teacher (SALT) -------------------------------------------------------------------------
+
+def _tiny_config(**frozen_target):
+  """tiny_experiment's config, with `frozen_target` set when given."""
+  config = _load('pretrain_ijepa.py', 'sim')
+  config.data.synthetic.num_train = 4
+  config.data.synthetic.num_val = 2
+  config.batch_size = 2
+  config.total_steps = 10
+  config.data.image_size = 128
+  config.model.update(patch_size=16, embed_dim=32, depth=1, num_heads=2)
+  config.predictor.update(dim=16, depth=1, num_heads=2)
+  config.frozen_target.update(frozen_target)
+  return config
+
+
+@pytest.mark.slow  # Compiles two inits and a train step (about 20 s of CPU).
+def test_frozen_target_stays_fixed_while_the_context_encoder_learns(tmp_path):
+  from launch import config_utils  # pylint: disable=g-import-not-at-top
+  from launch import optim  # pylint: disable=g-import-not-at-top
+  # A teacher run: an I-JEPA run whose target encoder differs from its context encoder.
+  config = _tiny_config()
+  experiment = ijepa_experiment.Experiment(config)
+  batch = jax.tree.map(jnp.asarray, next(iter(
+      experiment.train_dataset(seed=0, shard_index=0, shard_count=1))))
+  init = jax.jit(experiment.init)
+  teacher = init(jax.random.key(1), batch)
+  teacher['target']['encoder'] = jax.tree.map(lambda x: x + 0.1, teacher['target']['encoder'])
+  run = str(tmp_path / 'teacher')
+  checkpointing.save_variables(os.path.join(run, checkpointing.LATEST_DIR), 7, teacher,
+                               config_utils.to_json_dict(config))
+
+  salt = ijepa_experiment.Experiment(_tiny_config(workdir=run))
+  variables = jax.jit(salt.init)(jax.random.key(0), batch)
+  flat = flax.traverse_util.flatten_dict
+  want = flat(teacher['target']['encoder'])
+  for path, value in flat(variables['target']['encoder']).items():
+    np.testing.assert_array_equal(value, want[path])
+  tx, schedule = optim.make_optimizer(config.optim, total_steps=10, warmup_steps=2)
+  state = {'step': jnp.zeros((), jnp.int32), 'rng': jax.random.key(0), 'variables': variables,
+           'opt_state': tx.init(variables['params'])}
+  step = jax.jit(trainer.make_train_step(salt, tx, schedule))
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  assert 'ema_momentum' not in metrics and np.isfinite(metrics['loss'])
+  # Never updated (no EMA), while the context encoder moved.
+  for path, value in flat(salt.target_encoder(state['variables'])).items():
+    np.testing.assert_array_equal(value, want[path])
+  assert int(state['variables']['target']['step']) == 2
+  moved = flat(state['variables']['params']['encoder'])
+  assert any(np.any(np.asarray(v) != flat(variables['params']['encoder'])[k])
+             for k, v in moved.items())
+
+  # A keypoint run's backbone serves too; another architecture or a missing run is an error.
+  encoder = jax.tree.map(np.asarray, teacher['params']['encoder'])
+  run = str(tmp_path / 'keypoints')
+  checkpointing.save_variables(os.path.join(run, checkpointing.BEST_DIR), 3,
+                               {'params': {'backbone': encoder, 'heads_HC': {'b': np.ones(2)}}},
+                               {'experiment': 'sonichu_jax.experiments.keypoints'})
+  read = ijepa_experiment.read_frozen_target
+  got = read(ml_collections.ConfigDict(dict(workdir=run)), encoder)
+  np.testing.assert_array_equal(got['norm']['scale'], encoder['norm']['scale'])
+  wide = jax.tree.map(lambda x: np.zeros(x.shape[:-1] + (x.shape[-1] + 1,)), encoder)
+  with pytest.raises(ValueError, match=r"config.frozen_target.workdir='.*keypoints'.*"
+                                       'another architecture'):
+    read(ml_collections.ConfigDict(dict(workdir=run)), wide)
+  with pytest.raises(FileNotFoundError, match=r"config.frozen_target.workdir='.*nowhere'"):
+    read(ml_collections.ConfigDict(dict(workdir=str(tmp_path / 'nowhere'))), encoder)
+
+
 # Training and init_from -------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
@@ -404,3 +475,47 @@ def test_full_config_builds_sonichu_vit_b16():
   assert count(shapes['params']['predictor']) == 11_238_912
   assert count(shapes['target']['encoder']) == 85_843_200
   assert experiment.model.encoder.dtype == jnp.bfloat16
+
+
+# launch.convert --model=ijepa ------------------------------------------------------------------
+
+def test_launch_convert_round_trips_the_official_layout(tmp_path):
+  from launch import convert as convert_cli  # pylint: disable=g-import-not-at-top
+  from launch import torch_io  # pylint: disable=g-import-not-at-top
+  from sonichu_jax import interface  # pylint: disable=g-import-not-at-top
+  source = os.path.join(ROOT, 'tests', 'fixtures', 'sonichu', 'ijepa.pth')
+  original = torch_io.load(source)
+  run = str(tmp_path / 'run')
+  convert_cli.convert_from_torch(source, run, 'ijepa', variant='sim')
+  variables, config = checkpointing.restore_variables(
+      os.path.join(run, checkpointing.BEST_DIR), 0,
+      jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  # The architecture comes from the file (width 32, 2 blocks, 4x4 grid of 16 px patches).
+  assert (config['model']['embed_dim'], config['model']['depth'], config['data']['image_size'],
+          config['predictor']['dim'], config['predictor']['depth']) == (32, 2, 64, 16, 1)
+  assert int(variables['target']['step']) == 0
+  np.testing.assert_array_equal(variables['target']['encoder']['norm']['bias'],
+                                original['target_encoder']['module.norm.bias'])
+  back = interface.to_torch(variables, config, source=run)
+  assert list(back) == list(original)
+  for entry in convert_ijepa.ENTRIES:
+    assert list(back[entry]) == list(original[entry]), entry  # Same names, same order.
+    for key, value in original[entry].items():
+      assert back[entry][key].dtype == value.dtype
+      np.testing.assert_array_equal(back[entry][key], value, err_msg=key)
+  # AdamW's four groups of the original's init_opt: decayed encoder and predictor weights, then
+  # their biases and 1-D tensors; every tensor counted once.
+  groups = back['opt']['param_groups']
+  assert [len(g['params']) for g in groups] == [10, 8, 19, 12]
+  assert [g['weight_decay'] for g in groups] == [0.04, 0.04, 0, 0]
+  assert (back['epoch'], back['world_size'], back['scaler']) == (0, 1, None)
+  # Read back (as launch.convert reads a nested checkpoint): the same variables.
+  flat = {f'{entry}.{k}': v for entry in convert_ijepa.ENTRIES for k, v in back[entry].items()}
+  again, _ = interface.from_torch('ijepa', flat, ml_collections.ConfigDict(config), source='back',
+                                  allow_reinit=None, seed=0)
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match=r"back: not an I-JEPA training checkpoint: no \['predictor"):
+    interface.from_torch('ijepa', {k: v for k, v in flat.items() if k.startswith('encoder.')},
+                         ml_collections.ConfigDict(config), source='back', allow_reinit=None,
+                         seed=0)

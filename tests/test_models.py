@@ -72,7 +72,8 @@ def test_registry_finds_packages_by_experiment_and_by_name():
                      match="config.experiment 'mine.experiments.x': no registered model package "
                            "holds 'mine' .*ultrasound_jax.models"):
     models.for_experiment('mine.experiments.x')
-  with pytest.raises(models.ModelPackageError, match="--bench='gpu': unknown; known: pipeline"):
+  with pytest.raises(models.ModelPackageError,
+                     match="--bench='gpu': unknown; known: ensemble, pipeline, simulator"):
     models.lookup('BENCHMARKS', 'gpu', '--bench')
   with pytest.raises(models.ModelPackageError,
                      match='model package toy_experiment does not offer conversions'):

@@ -1,5 +1,7 @@
 """Tests of launch/optim.py: the original schedule, torch-equivalent AdamW, frozen subtrees."""
 import math
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -185,3 +187,100 @@ def test_ijepa_schedules_hand_values():
   with pytest.raises(ValueError, match='needs config.optim.start_lr and final_lr'):
     optim.make_schedule({'lr': 1e-3, 'schedule': 'ijepa_warmup_cosine'}, total_steps=10,
                         warmup_steps=3)
+
+
+LAYER_DECAY_GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'optim',
+                                  'layer_decay.npz')
+# The toy ViT of scripts/record_layer_decay_golden.py: depth 2, ViTPose's rules in our paths.
+LAYER_DECAY = {'layer_decay': 0.75, 'num_layers': 2 + 2,
+               'layer_ids': ((r'backbone/(?:patch_embed/.*|pos_embed)', 0),
+                             (r'backbone/blocks_(\d+)/.*', 1))}
+
+
+def _unflatten(flat):
+  tree = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split('/')
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = jnp.asarray(value)
+  return tree
+
+
+def test_layer_decay_matches_vitpose_groups_and_torch_adamw():
+  golden = dict(np.load(LAYER_DECAY_GOLDEN))
+  part = lambda prefix: {k.removeprefix(prefix): v for k, v in golden.items()
+                         if k.startswith(prefix)}
+  init = part('init/')
+  params = _unflatten(init)
+  # The original constructor's groups: our scales, and its no-decay rule as config.optim.no_decay.
+  scales = optim.layer_scales(params, 0.75, 4, LAYER_DECAY['layer_ids'])
+  flat_scales = {optim.param_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(scales)[0]}
+  for path, scale in part('lr_scale/').items():
+    assert flat_scales[path] == pytest.approx(float(scale), rel=1e-15), path
+  config = {'lr': 0.05, 'weight_decay': 0.1, 'schedule': 'linear_warmup_cosine',
+            'grad_clip_norm': 1.0, 'no_decay': ('.*/bias', '.*/scale', 'backbone/pos_embed'),
+            'sparse_groups': (r'heads_(\w+)/.*',), **LAYER_DECAY}
+  tx, schedule = optim.make_optimizer(config, total_steps=4, warmup_steps=2,
+                                      frozen=('backbone/patch_embed/proj/bias',))
+  np.testing.assert_allclose([float(schedule(0)), float(schedule(1))], [0.025, 0.05], rtol=1e-7)
+  for path, wd in part('weight_decay/').items():
+    decayed = not any(re.fullmatch(p, path) for p in config['no_decay'])
+    assert wd == (0.1 if decayed else 0.0), path
+  state = tx.init(params)
+  update = jax.jit(tx.update)  # One compilation: faster than many small eager ops.
+  for step in (0, 1):
+    grads = {path: golden.get(f'grad{step}/{path}', np.zeros_like(value))
+             for path, value in init.items()}
+    # The frozen leaf gets a large gradient: it must neither move nor enter the clipped norm.
+    grads['backbone/patch_embed/proj/bias'] = np.full(4, 100.0, np.float32)
+    updates, state = update(_unflatten(grads), state, params)
+    params = optax.apply_updates(params, updates)
+    for path, want in part(f'step{step + 1}/').items():
+      got = params
+      for key in path.split('/'):
+        got = got[key]
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=f'{path} step {step}')
+
+
+def test_layer_decay_errors_name_the_key():
+  params = {'backbone': {'blocks_0': {'kernel': jnp.ones(2)}, 'pos_embed': jnp.ones(2)}}
+  with pytest.raises(ValueError, match=r"config.optim.layer_ids: pattern 'blocks_.*' matches no "
+                                       'parameter'):
+    optim.layer_scales(params, 0.75, 3, (('blocks_.*', 1),))
+  with pytest.raises(ValueError, match=r'config.optim.layer_ids: backbone/blocks_0/kernel gets '
+                                       r'layer id 3, outside \[0, config.optim.num_layers = 3\)'):
+    optim.layer_scales(params, 0.75, 3, ((r'backbone/blocks_(\d+)/.*', 3),))
+  with pytest.raises(ValueError, match='config.optim.layer_ids: each rule is a'):
+    optim.layer_scales(params, 0.75, 3, ('backbone/.*',))
+  with pytest.raises(ValueError, match=r'config.optim.layer_decay must be in \(0, 1\]'):
+    optim.make_optimizer({'lr': 1.0, 'layer_decay': 1.5, 'num_layers': 3, 'schedule': 'constant'},
+                         total_steps=2, warmup_steps=0)[0].init(params)
+
+
+def test_sonichu_config_gives_vitpose_b_scales():
+  # The rules of configs/sonichu/keypoints.py on SONICHU's ViT-B/16 parameter tree (shapes only).
+  from launch import config_utils  # pylint: disable=g-import-not-at-top
+  from sonichu_jax.experiments import keypoints  # pylint: disable=g-import-not-at-top
+  from sonichu_jax.models import sonichu  # pylint: disable=g-import-not-at-top
+  config = config_utils.load_config_file(os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'sonichu',
+      'keypoints.py'))
+  o = config.optim
+  assert (o.layer_decay, o.num_layers) == (0.75, 14)
+  params = sonichu.abstract_variables(keypoints.build_model(config))['params']
+  scales = {optim.param_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+      optim.layer_scales(params, o.layer_decay, o.num_layers, o.layer_ids))[0]}
+  # training_and_export_notes.md section 2.2: embed 0.0238, block 0 0.0317, block 11 0.75.
+  assert scales['backbone/patch_embed/proj/kernel'] == pytest.approx(0.75**13)
+  assert scales['backbone/pos_embed'] == pytest.approx(0.0238, abs=1e-4)
+  assert scales['backbone/blocks_0/attn/qkv/kernel'] == pytest.approx(0.0317, abs=1e-4)
+  assert scales['backbone/blocks_11/mlp/fc2/bias'] == 0.75
+  assert scales['backbone/norm/scale'] == 1.0
+  assert {s for p, s in scales.items() if p.startswith('heads_')} == {1.0}
+  # ViTPose's no-decay rule (1-D, biases, pos_embed) is what config.optim.no_decay and frozen give.
+  decayed = jax.tree.leaves(optim.path_mask(params, o.no_decay + config.frozen, 'no_decay'))
+  for (path, leaf), skip in zip(jax.tree_util.tree_flatten_with_path(params)[0], decayed):
+    name = optim.param_path(path)
+    assert skip == (leaf.ndim == 1 or name.endswith('bias') or 'pos_embed' in name), name

@@ -9,6 +9,7 @@ import numpy as np
 from dualtrack_jax.experiments import local_stage1
 from launch import checkpointing
 from launch import config_utils
+from sonichu_jax.experiments import keypoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,3 +47,19 @@ def stage1_run(workdir: str, cache_dir: str) -> tuple[ml_collections.ConfigDict,
   shapes = jax.eval_shape(experiment.init, jax.random.key(0),
                           {'images': np.zeros((1, 2, 32, 32), np.uint8)})
   return config, save_run(workdir, config, random_variables(shapes, 0))
+
+
+def sonichu_run(workdir: str, seed: int, cache_dir: str,
+                **model) -> tuple[ml_collections.ConfigDict, str]:
+  """(config, run folder) of a tiny SONICHU keypoint model (one-block ViT, tasks fetal_femur and
+  HC, `model` overriding config.model keys) over a few synthetic images cached in `cache_dir`."""
+  config = config_utils.load_config_file(
+      os.path.join(ROOT, 'configs', 'sonichu', 'keypoints.py') + ':sim')
+  config.data.tasks = ('fetal_femur', 'HC')
+  config.data.synthetic.update(num_train=2, num_val=3, cache_dir=cache_dir)
+  config.model.update({**dict(embed_dim=16, depth=1, num_heads=2, head_filters=8), **model})
+  config.eval_batch_size = 2
+  experiment = keypoints.Experiment(config, load_data=False)
+  shapes = jax.eval_shape(experiment.init, jax.random.key(0),
+                          {'image': np.zeros((1, 256, 256, 3), np.float32)})
+  return config, save_run(workdir, config, random_variables(shapes, seed))

@@ -237,4 +237,25 @@ def _apply(dtype, variables, images):
   return ToyModel().apply(*cast, train=False)
 
 
+def _failing_cases(options):
+  raise errors.InputError(f'toy: no such weights for batch {options.sizes[0]}')
+
+
+def _hanging_cases(options):
+  del options
+  time.sleep(600)
+  yield {}
+
+
+def suite_cases(scale):
+  """A suite whose cases end in each status: ok (with torch skipped), failed, timeout."""
+  del scale
+  common = dict(kind='inference', timeout_s=60, options=dict(sizes=(2,)))
+  return [dict(name='toy/ok', cases=benchmark_cases, jax_dtypes=('float32', 'bfloat16'),
+               original='{Toy}', torch_compile_dtypes=('bfloat16',), **common),
+          dict(name='toy/fails', cases=_failing_cases, **common),
+          dict(name='toy/hangs', cases=_hanging_cases, tiny_timeout_s=10, **common)]
+
+
 INFERENCE_BENCHMARKS = {'toy': benchmark_cases}
+BENCHMARK_SUITES = {'toy': suite_cases}

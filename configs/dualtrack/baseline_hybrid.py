@@ -11,7 +11,9 @@ dualtrack_jax/experiments/baseline_hybrid.py.
 
 Two-stage (`:two_stage`, the README's recommended recipe): first the causal small-window CNN as a
 stage-1 local encoder (the README: 5000 epochs, lr 1e-4, weight decay 1e-3, batch 16, 16-frame
-windows, augmentations), then the transformer on the frozen CNN:
+windows, augmentations), then the transformer on the frozen CNN's features, computed once per
+training sweep into the feature cache (`feature_cache.enabled`; `feature_cache.directory` '' is
+$DUALTRACK_CACHE/features, else ~/.cache/dualtrack_jax/features):
 
   python -m launch.train --config=configs/dualtrack/local_stage1.py \
       --config.model.causal=True --config.model.temporal_kernels='(3, 1, 1, 1)' \
@@ -65,6 +67,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.dropout = 0.1
   c.compute_dtype = 'float32'
   c.cnn_frozen = False
+  # Two-stage only: the frozen CNN (`init_from.cnn`, its `backbone`) gives cached features.
+  c.feature_cache = mlc.ConfigDict(dict(enabled=False, source='cnn', prefix='backbone',
+                                        directory=''))
 
   c.batch_size = 1
   c.num_workers = 4
@@ -97,6 +102,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                                           map=[('backbone', 'backbone')], reinit=[]))
     c.cnn_frozen = True
     c.frozen = ('backbone/.*',)
+    c.feature_cache.enabled = True
   if variant == 'sim':
     c.data.dataset = 'synthetic'
     c.data.crop = (48, 48)

@@ -2,19 +2,33 @@ r"""Baseline: the 2-frame CNN of Prevost et al. 2018 (DualTrack's train_2_frame_
 
 The README's command (`--model efficientnet_b1 --epochs 6700 --batch_size 16 --optimizer adam
 --scheduler none --epoch_mode tus_rec --flip_h_prob .5 --reverse_sweep_prob .5 --skip_frame_prob
-.2 --validate_every 100`) with the Prevost ConvNet (`--model prevostnet`), the one backbone built
-here so far: one random pair per sweep per epoch, Adam lr 1e-4 without decay or schedule, the
-script's default gradient clipping at 3 and dropout 0.25. The network's input is 128 x 128 in the
-original (its `input_size`); here a 128 x 128 crop. Details and departures:
-dualtrack_jax/experiments/baseline_two_frame.py.
+.2 --validate_every 100`): timm's EfficientNet-B1 on two stacked frames, one random pair per sweep
+per epoch, Adam lr 1e-4 without decay or schedule, the script's default gradient clipping at 3 and
+dropout 0.25. The script resizes frames to its `--resize_to` (none in the README command); here a
+128 x 128 crop, the Prevost ConvNet's input size. `--config.model.backbone=resnet10t` is the
+script's default `--model resnet10`, `prevost` its `--model prevostnet` (`model.norm='batch'`:
+`prevostnet_bn`). Details and departures: dualtrack_jax/experiments/baseline_two_frame.py.
 
   python -m launch.train --config=configs/dualtrack/baseline_two_frame.py \
       --workdir=workdirs/baseline_two_frame
 
-On simulated sweeps, in minutes on two CPU cores (`:sim`):
+The TUS-REC challenge baseline (`:challenge`; QiLi111/tus-rec-challenge_baseline, train.py):
+EfficientNet-B1 on a consecutive frame pair of the full 480 x 640 frame, frames / 255, no
+augmentation, Adam lr 1e-4, batch 16, and the loss on the image corners mapped by the predicted
+and the true transform (`loss='points'`); torchvision's B1 as it builds it: dropout 0.2 and
+stochastic depth 0.2. Its training runs "forever" (1e6 epochs) and validates every epoch; here
+6700 epochs as the README command and validation every 100.
+
+  python -m launch.train --config=configs/dualtrack/baseline_two_frame.py:challenge \
+      --workdir=workdirs/baseline_two_frame_challenge
+
+On simulated sweeps, in minutes on two CPU cores: the Prevost ConvNet (`:sim`) or the
+challenge's EfficientNet-B1 with the point loss (`:challenge_sim`):
 
   python -m launch.train --config=configs/dualtrack/baseline_two_frame.py:sim \
       --workdir=workdirs/baseline_two_frame_sim
+  python -m launch.train --config=configs/dualtrack/baseline_two_frame.py:challenge_sim \
+      --workdir=workdirs/baseline_two_frame_challenge_sim
 """
 import ml_collections as mlc
 
@@ -22,11 +36,13 @@ from launch import config_utils
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  """The original recipe, or its small variant on simulated sweeps with arg='sim'."""
+  """The README recipe ('full'), the challenge's ('challenge'), or small ones ('sim',
+  'challenge_sim') on simulated sweeps."""
   variant = arg or 'full'
-  if variant not in ('full', 'sim'):
+  variants = ('full', 'sim', 'challenge', 'challenge_sim')
+  if variant not in variants:
     raise ValueError(f'configs/dualtrack/baseline_two_frame.py: unknown variant {variant!r}; '
-                     'use "full" or "sim".')
+                     f'use one of {", ".join(variants)}.')
   c = mlc.ConfigDict()
   c.experiment = 'dualtrack_jax.experiments.baseline_two_frame'
   c.seed = 0
@@ -49,9 +65,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       dict(height=96, width=128, pixel_spacing_mm=(0.3, 0.3), num_frames=(100, 200)))
 
   c.model = mlc.ConfigDict()
-  c.model.backbone = 'prevost'  # `--model prevostnet`.
-  c.model.norm = mlc.config_dict.placeholder(str)  # 'batch': `prevostnet_bn`.
-  c.model.dropout = 0.25
+  c.model.backbone = 'efficientnet_b1'  # 'prevost' | 'resnet10t' | 'efficientnet_b1'.
+  c.model.norm = mlc.config_dict.placeholder(str)  # prevost only; 'batch': `prevostnet_bn`.
+  c.model.dropout = 0.25  # `--dropout`: timm's drop_rate, or the Prevost ConvNet's dropout.
+  c.model.drop_path = 0.0  # efficientnet_b1 only: stochastic depth of the last block.
   c.compute_dtype = 'float32'
 
   c.batch_size = 16
@@ -68,8 +85,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.grad_clip_norm = 3.0  # `--clip_grad` default; the script's loop applies it.
   c.frozen = ()
-  # Multiplies each pose component's squared error [tx, ty, tz, rx, ry, rz]; all ones is the
-  # original's plain MSE.
+  c.loss = 'pose'  # 'pose': MSE of the pose vector; 'points': the TUS-REC baseline's corner MSE.
+  # loss='pose' only: multiplies each pose component's squared error [tx, ty, tz, rx, ry, rz];
+  # all ones is the original's plain MSE.
   c.loss_weights = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 
   c.eval_every_epochs = 100  # `--validate_every`.
@@ -81,11 +99,21 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.log_every_steps = 100
 
-  if variant == 'sim':
+  if variant.startswith('challenge'):
+    c.data.crop = (480, 640)  # The whole TUS-REC frame.
+    c.data.augment = None
+    c.data.skip_frame_p = 0.0  # Its SAMPLE_RANGE=2: consecutive frames.
+    c.model.dropout = 0.2  # torchvision efficientnet_b1's classifier dropout.
+    c.model.drop_path = 0.2  # and its stochastic depth (stochastic_depth_prob).
+    c.loss = 'points'
+    c.optim.grad_clip_norm = mlc.config_dict.placeholder(float)  # Its loop does not clip.
+  if variant.endswith('sim'):
     c.data.dataset = 'synthetic'
     c.data.crop = (64, 64)
     # Simulated sweeps all move forward in z; decorrelation cannot tell the direction.
-    c.data.augment.reverse_p = 0.0
+    if c.data.augment is not None:
+      c.data.augment.reverse_p = 0.0
+    c.model.backbone = 'efficientnet_b1' if variant == 'challenge_sim' else 'prevost'
     c.num_workers = 0
     c.batch_size = 16
     # As local_stage1.py:sim: per frame only tz is large enough to learn from 64x64 crops; equal

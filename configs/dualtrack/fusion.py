@@ -42,7 +42,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       vit_feature_map_size=16, vit_patch_size=2, vit_layers=4, vit_heads=4, vit_intermediate=32,
       local_hidden=64, temporal_layers=4, temporal_heads=4, temporal_intermediate=32,
       local_frozen='cnn+vit', global_cnn_widths=(64, 128, 256, 512), global_cnn_stem_width=45,
-      global_layers=8, global_heads=8, global_frozen_backbone=False))
+      global_layers=8, global_heads=8, global_frozen_backbone=False,
+      # Same results, other kernels (docs/performance.md): 'einsum' | 'xla' | 'cudnn' (GPU), and
+      # 'frame_conv' | 'native'.
+      attention_implementation='einsum', conv3d_implementation='frame_conv'))
   c.frozen = ('local_encoder/(cnn|vit|vit_fc)/.*',)
   c.init_from = mlc.ConfigDict()
   c.init_from.global_encoder = mlc.ConfigDict(dict(

@@ -37,7 +37,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.augment = mlc.ConfigDict(dict(flip_p=0.5, reverse_p=0.5, random_crop=False))
   # GlobalEncoder keyword arguments (the BERT's feed-forward width is 2 * hidden).
   c.model = mlc.ConfigDict(dict(cnn_widths=(64, 128, 256, 512), cnn_stem_width=45, hidden=512,
-                                num_layers=8, num_heads=8, max_positions=1024, dropout=0.1))
+                                num_layers=8, num_heads=8, max_positions=1024, dropout=0.1,
+                                # 'einsum' | 'xla' | 'cudnn' (GPU): docs/performance.md.
+                                attention_implementation='einsum'))
   c.frozen = ()
   c.batch_size = 4  # The loader default.
   c.num_epochs = 5000

@@ -55,6 +55,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # True: causal temporal convs (`vidrn18_small_window_trck_reg_causal` with kernels (3, 1, 1, 1)),
   # the CNN of the hybrid transformer baseline's two-stage recipe (baseline_hybrid.py).
   c.model.causal = False
+  # 'frame_conv' (per-tap 2D convs, faster on XLA:CPU) or 'native' (XLA's 3D conv): the same
+  # function of the same parameters (docs/performance.md).
+  c.model.conv3d_implementation = 'frame_conv'
   # The head predicts fc(features) * target_std + target_mean, and the loss measures errors in units
   # of target_std: zeros and ones are the original (raw mm and degrees).
   c.model.target_mean = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)

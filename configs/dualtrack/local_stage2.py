@@ -35,7 +35,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       stage=2, cnn_widths=(64, 128, 256, 512), cnn_stem_width=45,
       cnn_temporal_kernels=(3, 3, 3, 3),  # The released models' CNN; the YAML's is small-window.
       vit_feature_map_size=16, vit_patch_size=2, vit_layers=4, vit_heads=4, vit_intermediate=32,
-      hidden=64, frozen='cnn'))
+      hidden=64, frozen='cnn',
+      # Same results, other kernels (docs/performance.md): 'einsum' | 'xla' | 'cudnn' (GPU), and
+      # 'frame_conv' | 'native'.
+      attention_implementation='einsum', conv3d_implementation='frame_conv'))
   c.frozen = ('cnn/.*',)  # No optimiser update; the model keeps the CNN's BN in eval mode.
   c.init_from = mlc.ConfigDict()
   c.init_from.stage1 = mlc.ConfigDict(dict(

@@ -70,6 +70,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.drop_path_rate = 0.1  # Unpublished; ViTPose-B uses 0.3, we assume 0.1.
   c.model.head_filters = 256
   c.model.temperature = 1.0  # Unpublished; raw logits, the integral-regression standard.
+  # Same results, other kernels (docs/performance.md): 'einsum' | 'xla' | 'cudnn' (GPU), and
+  # 'subpixel' | 'transposed' for the heads' deconvolutions.
+  c.model.attention_implementation = 'einsum'
+  c.model.deconv_implementation = 'subpixel'
   c.compute_dtype = 'float32'  # 'bfloat16' computes in bf16 with float32 parameters.
 
   c.loss = 'l1'  # On normalised coordinates (assumed); 'radial' is the MRE in original pixels.
@@ -96,8 +100,15 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.optim.grad_clip_norm = 1.0  # ViTPose-B.
   # One group per task head: a batch of another task leaves it untouched, as torch's AdamW does.
   c.optim.sparse_groups = (r'heads_(\w+)/.*',)
-  # I-JEPA's sin-cos position table is fixed (requires_grad=False). Not reproduced: ViTPose's
-  # layer-wise learning-rate decay of 0.75 (SONICHU's is unknown).
+  # ViTPose-B's layer-wise learning-rate decay (SONICHU's is unknown; launch/optim.py and
+  # docs/sonichu.md, "Layer-wise learning-rate decay"): the update of layer id l is scaled by
+  # 0.75 ** (num_layers - l - 1), the weight decay with it; patch embedding and position table are
+  # layer 0, block i is layer i + 1, the final norm and the heads (no rule) layer depth + 1.
+  c.optim.layer_decay = 0.75
+  c.optim.num_layers = c.model.get_ref('depth') + 2  # Follows --config.model.depth.
+  c.optim.layer_ids = ((r'backbone/(?:patch_embed/.*|pos_embed)', 0),
+                       (r'backbone/blocks_(\d+)/.*', 1))
+  # I-JEPA's sin-cos position table is fixed (requires_grad=False).
   c.frozen = ('backbone/pos_embed',)
 
   c.eval_tta = True  # Flip test-time augmentation, as the card's "(TTA)" numbers.
@@ -138,6 +149,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.warmup_epochs = 0.5
     c.optim.lr = 2e-3
     c.optim.weight_decay = 0.01
+    # Off: this variant trains from random weights, where layer decay (a fine-tuning recipe for a
+    # pretrained backbone) only slows the backbone down.
+    c.optim.layer_decay = 0.0
     c.eval_tta = False
     c.eval_batch_size = 8
     c.eval_every_epochs = 3

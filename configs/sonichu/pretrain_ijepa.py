@@ -21,6 +21,11 @@ on two CPU cores:
 
   python -m launch.train --config=configs/sonichu/pretrain_ijepa.py:sim --workdir=workdirs/ijepa_sim
 
+With `--config.frozen_target.workdir=RUN` the target encoder is RUN's encoder, frozen (SALT):
+
+  python -m launch.train --config=configs/sonichu/pretrain_ijepa.py:sim \
+      --config.frozen_target.workdir=workdirs/ijepa_sim --workdir=workdirs/salt_sim
+
 The trained encoder starts keypoint training through `init_from`:
 configs/sonichu/keypoints_from_ijepa.py with `--config.init_from.ijepa.workdir=workdirs/ijepa`.
 """
@@ -81,6 +86,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.compute_dtype = 'bfloat16'  # The original's bf16 autocast; parameters stay float32.
 
   c.ema = (0.996, 1.0)
+  # The frozen-teacher variant (SALT, as US-JEPA; docs/ijepa.md, "Frozen teacher"): a run folder
+  # or step folder whose encoder becomes the target encoder, never updated (the EMA is then off):
+  # an I-JEPA run's target encoder (or a converted official checkpoint, launch.convert
+  # --model=ijepa) or a keypoint run's backbone, of the same architecture. '': the EMA target.
+  c.frozen_target = mlc.ConfigDict()
+  c.frozen_target.workdir = ''
+  c.frozen_target.checkpoint = 'best'  # 'best' (else the latest), 'latest' or a step number.
 
   c.batch_size = 512
   c.num_workers = 8

@@ -162,6 +162,7 @@ class _ReadPair(grain.transforms.RandomMap):
     item = T.add_targets(_local_crop(_augment(item, rng, self.augment), rng, self.augment,
                                      self.crop_hw))
     return dict(images=np.ascontiguousarray(item['images']), targets=item['targets'],
+                pixel_to_image=item['pixel_to_image'].astype(np.float32),
                 sweep_index=np.int32(ref.sweep_index), start=np.int32(first))
 
 
@@ -311,7 +312,8 @@ def frame_pairs(records: Sequence[registry.SweepRecord], *, crop_hw: tuple[int, 
 
   Returns:
     IterDataset of dicts: 'images' (B,2,h,w) uint8, 'targets' (B,1,6) float32 pose vector of the
-    second frame relative to the first, 'sweep_index' (B,) int32, 'start' (B,) int32 (j).
+    second frame relative to the first, 'pixel_to_image' (B,4,4) float32 of the crop frame (the
+    challenge's point loss), 'sweep_index' (B,) int32, 'start' (B,) int32 (j).
   """
   source = SweepSource(records)
   _check_crop(source, crop_hw)

@@ -13,6 +13,18 @@ same crop frame as the other methods' and the metrics compare; the script's hori
 mirrors the rows (`torch.flip(dims=(1,))` of a (C, H, W) tensor) while changing the tracking as
 for a column mirror, a bug replaced by `transforms.horizontal_flip`. Farneback optical-flow
 channels (off in the README command) are not implemented.
+
+Backbones (`config.model.backbone`): 'prevost' (`Prevost2018ConvNet`, `--model prevostnet`),
+'resnet10t' (timm's, `--model resnet10`, the script's default) and 'efficientnet_b1' (timm's, the
+README command), each with 2 input channels, 6 outputs and the script's dropout 0.25.
+
+`config.loss='points'` is the TUS-REC challenge baseline's loss (configs/dualtrack/
+baseline_two_frame.py:challenge): the image's four corner pixels mapped by the predicted and by
+the true relative transform, the MSE of their coordinates in mm (`baselines.point_mse`), with
+the challenge's point distance logged. The network still outputs this project's pose vector (the
+challenge's network outputs ZYX Euler angles in radians and a translation in the corner-origin
+image frame: the same rigid transform, another parameterisation), so chaining and metrics are
+unchanged; the corners are those of the crop the network sees.
 """
 from typing import Any
 
@@ -26,9 +38,37 @@ from dualtrack_jax.data import pipeline
 from dualtrack_jax.experiments import baselines
 from dualtrack_jax.experiments import common
 from dualtrack_jax.models import baselines as models
+from dualtrack_jax.models import efficientnet
+from dualtrack_jax.models import resnet_timm
+from ultrasound_common import errors
 
-BACKBONES = ('prevost',)
+BACKBONES = ('prevost', 'resnet10t', 'efficientnet_b1')
+LOSSES = ('pose', 'points')
 EXPERIMENT = 'the 2-frame CNN baseline (dualtrack_jax.experiments.baseline_two_frame)'
+# The torch state dict of each backbone (`train_2_frame_cnn.create_model`) <-> its variables.
+TABLES = {'prevost': baselines.PREVOST_CONVNET, 'resnet10t': baselines.RESNET10T,
+          'efficientnet_b1': baselines.EFFICIENTNET}
+
+
+def network(model: ml_collections.ConfigDict, dtype: Any = jnp.float32):
+  """The 2-frame CNN of config.model: (B, h, w, 2) stacked pairs -> (B, 6) pose vectors.
+
+  `norm` is the Prevost ConvNet's only, `drop_path` (stochastic depth) EfficientNet's only.
+  """
+  backbone = baselines.check_choice(ml_collections.ConfigDict(dict(model=model)),
+                                    'model.backbone', BACKBONES, EXPERIMENT)
+  if model.get('norm') is not None and backbone != 'prevost':
+    raise errors.InputError(f'config.model.norm={model.norm!r}: only the prevost backbone has a '
+                            f'norm switch, not {backbone}')
+  if model.get('drop_path', 0.0) and backbone != 'efficientnet_b1':
+    raise errors.InputError(f'config.model.drop_path={model.drop_path}: only the efficientnet_b1 '
+                            f'backbone has stochastic depth, not {backbone}')
+  if backbone == 'prevost':
+    return models.PrevostConvNet(norm=model.get('norm'), dropout=model.dropout, dtype=dtype)
+  if backbone == 'resnet10t':
+    return resnet_timm.ResNet10T(dropout=model.dropout, dtype=dtype)
+  return efficientnet.EfficientNet(dropout=model.dropout, drop_path=model.get('drop_path', 0.0),
+                                   dtype=dtype)
 
 
 def pairs(images: np.ndarray) -> np.ndarray:
@@ -41,10 +81,8 @@ class Experiment(baselines.SweepPrediction, common.LocalExperimentBase):
   global_source = None
 
   def __init__(self, config: ml_collections.ConfigDict, *, load_data: bool = True):
-    baselines.check_choice(config, 'model.backbone', BACKBONES, EXPERIMENT)
-    self.model = models.PrevostConvNet(norm=config.model.get('norm'),
-                                       dropout=config.model.dropout,
-                                       dtype=common.dtype(config))
+    baselines.check_choice(config, 'loss', LOSSES, EXPERIMENT)
+    self.model = network(config.model, common.dtype(config))
     self._apply = jax.jit(lambda variables, x: self.model.apply(
         variables, baselines.normalize(x, config.data)))
     super().__init__(config, load_data=load_data)
@@ -61,12 +99,21 @@ class Experiment(baselines.SweepPrediction, common.LocalExperimentBase):
                                self.config.data)
 
   def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:
-    return dict(self.model.init(rng, self._inputs(batch)))
+    variables = dict(self.model.init(rng, self._inputs(batch)))
+    if isinstance(self.model, resnet_timm.ResNet10T):
+      variables = resnet_timm.zero_init_last(variables)
+    return variables
 
   def loss_fn(self, variables, batch, rng):
     pred, updates = self.model.apply(variables, self._inputs(batch), train=True,
                                      rngs={'dropout': rng}, mutable=['batch_stats'])
-    loss = losses.pose_mse(pred, batch['targets'][:, 0], weights=self.config.loss_weights)
+    target = batch['targets'][:, 0]
+    if self.config.loss == 'points':
+      hw = batch['images'].shape[2:]
+      loss = baselines.point_mse(pred, target, batch['pixel_to_image'], hw)
+      distance = baselines.point_distance(pred, target, batch['pixel_to_image'], hw)
+      return loss, ({'point_mse': loss, 'point_distance': distance}, dict(updates))
+    loss = losses.pose_mse(pred, target, weights=self.config.loss_weights)
     return loss, ({'mse': loss}, dict(updates))
 
   def predict(self, variables, item: dict) -> np.ndarray:

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from dualtrack_jax import convert
+from dualtrack_jax import pose
 from dualtrack_jax.experiments import common
 from ultrasound_common import errors
 
@@ -23,6 +24,19 @@ _PIXEL_KEYS = ('pixel_mean', 'pixel_std')
 # schemes list the module names in the original's registration (state-dict) order.
 PREVOST_CONVNET = (convert.Part((), '', convert.Scheme('prevost_convnet', (
     'conv1', 'norm1', 'conv2', 'norm2', 'conv3', 'norm3', 'conv4', 'norm4', 'fc1', 'fc2'))),)
+# timm's resnet10t (`models.resnet_timm.ResNet10T`): Flax paths are timm's names.
+RESNET10T = (convert.Part((), '', convert.Scheme('timm_resnet10t', (
+    'conv1', 'bn1', 'layer1', 'layer2', 'layer3', 'layer4', 'conv2', 'bn2', 'downsample',
+    'fc'))),)
+# timm's EfficientNet (`models.efficientnet.EfficientNet`): Flax 'blocks_3_1' is timm's
+# 'blocks.3.1'. One order serves the stem, the head and the inverted-residual blocks; `to_torch`
+# writes the two depthwise-separable blocks of stage 0 with conv_pw and bn2 first (torch's
+# load_state_dict does not depend on the order).
+EFFICIENTNET = (convert.Part((), '', convert.Scheme(
+    'timm_efficientnet',
+    ('conv_stem', 'conv_pw', 'bn1', 'blocks', 'conv_dw', 'conv_head', 'bn2', 'se', 'conv_reduce',
+     'conv_expand', 'conv_pwl', 'bn3', 'classifier'),
+    ((r'(^|/)blocks_(\d+)_(\d+)(?=/|$)', r'\1blocks/\2/\3'),))),)
 
 
 def lstm_table(num_layers: int, flax_path: tuple[str, ...] = (), prefix: str = '') -> convert.Table:
@@ -55,6 +69,48 @@ def correlation_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
   y = target.astype(jnp.float32).ravel()
   cov = jnp.mean(x * y) - jnp.mean(x) * jnp.mean(y)
   return 1.0 - cov / jnp.sqrt(jnp.var(x) * jnp.var(y))
+
+
+def _mapped_corners(poses: jax.Array, pixel_to_image: jax.Array,
+                    image_hw: tuple[int, int]) -> jax.Array:
+  """(B, 6) pose vectors -> (B, 3, 4): the image's corner pixels mapped by each transform, mm.
+
+  The corners are the TUS-REC baseline's `reference_image_points(image_size, 2)`: pixels (1, 1),
+  (W, 1), (1, H), (W, H) 1-based, i.e. 0-based (0, 0), (W - 1, 0), (0, H - 1), (W - 1, H - 1),
+  taken to image mm by each sample's `pixel_to_image` (B, 4, 4).
+  """
+  h, w = image_hw
+  pixels = jnp.array([[0, w - 1, 0, w - 1], [0, 0, h - 1, h - 1], [0] * 4, [1] * 4], jnp.float32)
+  corners = pose.matmul(pixel_to_image.astype(jnp.float32), pixels)
+  return pose.matmul(pose.pose_vector_to_matrix(poses.astype(jnp.float32)), corners)[:, :3]
+
+
+def point_mse(pred: jax.Array, target: jax.Array, pixel_to_image: jax.Array,
+              image_hw: tuple[int, int]) -> jax.Array:
+  """The TUS-REC challenge baseline's loss: MSE of the image corners under the two transforms.
+
+  As its train.py, `MSELoss(PredictionTransform(pred), LabelTransform(target))` with point labels:
+  the mean over batch, x/y/z and the 4 corners of the squared coordinate differences (mm^2) of
+  the corners mapped by the predicted and by the true frame-2-to-frame-1 transform. A change of
+  image origin moves both mapped points alike, so the value does not depend on it: the corner
+  frame of the challenge and the centred frame of the pose vectors give the same loss.
+
+  Args:
+    pred, target: (B, 6) pose vectors (translation mm, degrees).
+    pixel_to_image: (B, 4, 4) 0-based pixel -> image mm of each sample's frame.
+    image_hw: the frame's (height, width) in pixels.
+  """
+  diff = (_mapped_corners(pred, pixel_to_image, image_hw)
+          - _mapped_corners(target, pixel_to_image, image_hw))
+  return jnp.mean(jnp.square(diff))
+
+
+def point_distance(pred: jax.Array, target: jax.Array, pixel_to_image: jax.Array,
+                   image_hw: tuple[int, int]) -> jax.Array:
+  """The challenge baseline's metric (`PointDistance`): the mean corner distance (mm)."""
+  diff = (_mapped_corners(pred, pixel_to_image, image_hw)
+          - _mapped_corners(target, pixel_to_image, image_hw))
+  return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(diff), axis=1)))
 
 
 def check_choice(config: ml_collections.ConfigDict, key: str, choices: tuple[str, ...],

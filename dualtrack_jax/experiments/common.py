@@ -208,7 +208,8 @@ class LocalFromFeatures(nn.Module):
     if enc.stage == 3:
       x = transformer.BertEncoder(
           enc.temporal_layers, enc.temporal_heads, enc.temporal_intermediate, enc.max_positions,
-          dropout=enc.dropout, dtype=enc.dtype, param_dtype=enc.param_dtype, name='temporal')(
+          dropout=enc.dropout, dtype=enc.dtype, param_dtype=enc.param_dtype,
+          attention_implementation=enc.attention_implementation, name='temporal')(
               x, deterministic=not train)
     if head:
       name = 'temporal_fc' if enc.stage == 3 else 'vit_fc'
@@ -274,11 +275,11 @@ class LocalExperimentBase:
           'set config.data.augment = None or disable the cache')
     return True
 
-  def fill_feature_cache(self) -> tuple[str, str]:
-    """Computes the missing cached features of the training sweeps; returns (directory, key).
+  def feature_cache_source(self) -> tuple[dict[str, Any], str]:
+    """(frozen variables, cache directory) of config.feature_cache.
 
-    The frozen CNN + ViT come from the run that `config.init_from.<feature_cache.source>` names,
-    at `feature_cache.prefix` in its variables (they are frozen, so the run's own copy equals it).
+    The frozen part comes from the run that `config.init_from.<feature_cache.source>` names, at
+    `feature_cache.prefix` in its variables (it is frozen, so the run's own copy equals it).
     """
     cache = self.config.feature_cache
     name = cache.source
@@ -292,11 +293,20 @@ class LocalExperimentBase:
       raise errors.InputError(
           f'config.init_from.{name}.workdir is empty: set it to the run folder of '
           'the previous stage')
-    variables = subtree(checkpoints.read_variables(spec.workdir, str(spec.get('checkpoint') or 'best')),
-                        cache.prefix)
-    key = feature_cache.cache_key(self.local, variables, self.crop)
+    variables = subtree(
+        checkpoints.read_variables(spec.workdir, str(spec.get('checkpoint') or 'best')),
+        cache.prefix)
     directory = cache.get('directory') or os.path.join(
         os.environ.get(datasets.CACHE_ENV) or datasets.DEFAULT_CACHE, 'features')
+    return variables, directory
+
+  def fill_feature_cache(self) -> tuple[str, str]:
+    """Computes the missing cached features of the training sweeps; returns (directory, key).
+
+    The frozen CNN + ViT are `feature_cache_source()`'s.
+    """
+    variables, directory = self.feature_cache_source()
+    key = feature_cache.cache_key(self.local, variables, self.crop)
     computed = feature_cache.fill(
         feature_cache.FeatureCache(directory, key), self.train_records, self.local, variables,
         tile=self.config.eval_tile, read_crops=lambda r: center_crops(r, self.crop)[0])

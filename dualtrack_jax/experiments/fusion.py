@@ -48,7 +48,8 @@ class FusionFromFeatures(nn.Module):
     """(B, N, 64) local features and (B, M, H, W) grid global images -> (B, N-1, 6) poses."""
     m = dualtrack.DualTrack(**self.model_kwargs)
     indices = dualtrack.regular_grid_indices(features.shape[1], m.grid_spacing)
-    kw = dict(dropout=m.dropout, dtype=m.dtype, param_dtype=m.param_dtype)
+    kw = dict(dropout=m.dropout, dtype=m.dtype, param_dtype=m.param_dtype,
+              attention_implementation=m.attention_implementation)
     local = common.LocalFromFeatures(m.local_encoder_kwargs(), name='local_encoder')(
         features, train=train)
     context = dualtrack.GlobalEncoder(

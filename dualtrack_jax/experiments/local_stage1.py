@@ -34,7 +34,8 @@ class Experiment:
         widths=tuple(config.model.widths), stem_width=config.model.stem_width,
         temporal_kernels=tuple(config.model.temporal_kernels),
         target_mean=tuple(config.model.target_mean), target_std=tuple(config.model.target_std),
-        dtype=jnp.dtype(config.compute_dtype), causal=config.model.get('causal', False))
+        dtype=jnp.dtype(config.compute_dtype), causal=config.model.get('causal', False),
+        conv3d_implementation=config.model.get('conv3d_implementation', 'frame_conv'))
     self.train_records = self.val_records = self.evaluator = None
     if load_data:
       self.train_records = datasets.load_split(config.data, 'train')

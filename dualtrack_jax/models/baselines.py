@@ -9,6 +9,9 @@ The original's `scripts/baselines/` (docs/dualtrack.md, section "Baselines"):
 | `DCLNet`            | DCLNet, Guo 2020          | (B, 5, H, W) clip -> (B, 6), the clip's mean   |
 | `HybridTransformer` | Ning 2022                 | (B, N, H, W) frames -> (B, N - 1, 6)           |
 
+The 2-frame CNN's other backbones are timm's networks, in their own modules:
+`efficientnet.EfficientNet` (`efficientnet_b1`) and `resnet_timm.ResNet10T` (`resnet10t`).
+
 Module names mirror the original's state dicts (`conv1`, `fc1`, ...), so converting a checkpoint is
 a key rename plus the kernel transposes of `dualtrack_jax/convert.py` (tables in
 `experiments/baselines.py`).

@@ -25,6 +25,12 @@ Freezing: the original's `FrozenModuleWrapper` keeps frozen parts in eval mode e
 trains (BatchNorm uses running statistics) and runs them without gradients. `LocalEncoder.frozen`
 and `GlobalEncoder.frozen_backbone` do both (eval-mode BN and `stop_gradient`); excluding those
 parameters from the optimiser is the training config's `frozen` sub-trees.
+
+Inference and accelerator options (docs/performance.md), each computing the same function from
+the same parameters: `attention_implementation` ('einsum', 'xla', 'cudnn') for every ViT and BERT
+attention, `conv3d_implementation` ('frame_conv', 'native') for the local 3D CNN, and
+`fold_batch_norm` for variables whose BatchNorm is folded into the convolutions
+(`fold_batch_norm` below).
 """
 from collections.abc import Sequence
 import types
@@ -72,6 +78,11 @@ def _frames(images: jax.Array, module: str, field: str) -> jax.Array:
   return images
 
 
+def fold_batch_norm(variables: Any) -> dict[str, Any]:
+  """`variables` of any model here for the same model with `fold_batch_norm=True` (inference)."""
+  return resnet3d.fold_batch_norm(variables)
+
+
 def _pose_head(name: str, fan_in: int, param_dtype: Any) -> nn.Dense:
   # Pose heads run in float32 whatever the compute dtype: outputs are regressed in mm and degrees.
   return transformer.torch_linear(6, fan_in, name=name, param_dtype=param_dtype)
@@ -100,6 +111,7 @@ class LocalEncoder(nn.Module):
       without gradient even when `train` is True (the original freezes the CNN from stage 2 on and
       CNN + ViT from stage 3 on).
     dtype: computation dtype; param_dtype: parameter dtype.
+    attention_implementation, conv3d_implementation, fold_batch_norm: module docstring.
   """
   stage: int = 3
   cnn_widths: Sequence[int] = (64, 128, 256, 512)
@@ -122,10 +134,15 @@ class LocalEncoder(nn.Module):
   frozen: str = 'cnn+vit'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: str = 'einsum'
+  conv3d_implementation: str = 'frame_conv'
+  fold_batch_norm: bool = False
 
   def _cnn(self, **kwargs) -> resnet3d.VideoResNet:
     return resnet3d.VideoResNet(self.cnn_widths, self.cnn_stem_width, self.cnn_temporal_kernels,
-                                dtype=self.dtype, param_dtype=self.param_dtype, **kwargs)
+                                dtype=self.dtype, param_dtype=self.param_dtype,
+                                conv3d_implementation=self.conv3d_implementation,
+                                fold_batch_norm=self.fold_batch_norm, **kwargs)
 
   def _check(self, num_frames: int) -> None:
     if self.stage not in (2, 3):
@@ -192,7 +209,8 @@ class LocalEncoder(nn.Module):
       maps = jax.lax.stop_gradient(maps)
     tokens = transformer.ViTEncoder(
         self.vit_feature_map_size, self.vit_patch_size, self.hidden, self.vit_layers,
-        self.vit_heads, self.vit_intermediate, self.dtype, self.param_dtype, name='vit')(
+        self.vit_heads, self.vit_intermediate, self.dtype, self.param_dtype,
+        self.attention_implementation, name='vit')(
             maps.reshape(batch * num_frames, *maps.shape[2:])).reshape(batch, num_frames, -1)
     if self.frozen == 'cnn+vit':
       tokens = jax.lax.stop_gradient(tokens)
@@ -201,7 +219,8 @@ class LocalEncoder(nn.Module):
       features = transformer.BertEncoder(
           self.temporal_layers, self.temporal_heads, self.temporal_intermediate,
           self.max_positions, dropout=self.dropout, dtype=self.dtype,
-          param_dtype=self.param_dtype, name='temporal')(features, deterministic=not train)
+          param_dtype=self.param_dtype, attention_implementation=self.attention_implementation,
+          name='temporal')(features, deterministic=not train)
     # Every head of the original's state dict exists, used or not; only the stage's (the last
     # one) runs outside init.
     heads = {'vit_fc': tokens, 'temporal_fc': features} if self.stage == 3 else {'vit_fc': tokens}
@@ -231,6 +250,7 @@ class GlobalEncoder(nn.Module):
     frozen_backbone: run the CNN in eval mode and without gradient (`freeze_global_image_encoder`,
       off in the released recipe, whose fusion training updates the global BN statistics).
     dtype: computation dtype; param_dtype: parameter dtype.
+    attention_implementation, fold_batch_norm: module docstring.
   """
   cnn_widths: Sequence[int] = (64, 128, 256, 512)
   cnn_stem_width: int = 45
@@ -242,6 +262,8 @@ class GlobalEncoder(nn.Module):
   frozen_backbone: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: str = 'einsum'
+  fold_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, indices: jax.Array, *, train: bool = False,
@@ -269,7 +291,7 @@ class GlobalEncoder(nn.Module):
             f'GlobalEncoder: frame index {high if low >= 0 else low} is outside the '
             f'{self.max_positions} rows of pos_emb (max_positions)')
     maps = resnet2d.ImageResNet(self.cnn_widths, self.cnn_stem_width, self.dtype,
-                                self.param_dtype, name='backbone')(
+                                self.param_dtype, self.fold_batch_norm, name='backbone')(
         frames.reshape(batch * num_frames, *frames.shape[2:]),
         train=train and not self.frozen_backbone)
     pooled = maps.astype(jnp.float32).mean(axis=(1, 2)).reshape(batch, num_frames, -1)
@@ -283,7 +305,8 @@ class GlobalEncoder(nn.Module):
         jnp.broadcast_to(indices, (batch, num_frames)))
     tokens = transformer.BertEncoder(
         self.num_layers, self.num_heads, 2 * self.hidden, dropout=self.dropout, dtype=self.dtype,
-        param_dtype=self.param_dtype, name='bert')(tokens, deterministic=not train)
+        param_dtype=self.param_dtype, attention_implementation=self.attention_implementation,
+        name='bert')(tokens, deterministic=not train)
     if head or self.is_initializing():
       poses = _pose_head('fc', self.hidden, self.param_dtype)(tokens.astype(jnp.float32))
       if head:
@@ -307,6 +330,8 @@ class DualTrack(nn.Module):
     global_*: `GlobalEncoder` attributes (`global_encoder`); global_frozen_backbone is its
       `frozen_backbone`.
     dtype: computation dtype (jnp.bfloat16 for mixed precision); param_dtype: parameter dtype.
+    attention_implementation, conv3d_implementation, fold_batch_norm: module docstring; for
+      every part.
   """
   max_positions: int = 1024
   grid_spacing: int = 16
@@ -336,6 +361,9 @@ class DualTrack(nn.Module):
   global_frozen_backbone: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: str = 'einsum'
+  conv3d_implementation: str = 'frame_conv'
+  fold_batch_norm: bool = False
 
   def local_encoder_kwargs(self) -> dict[str, Any]:
     """`LocalEncoder` keyword arguments of the local branch (also built from cached features)."""
@@ -348,7 +376,9 @@ class DualTrack(nn.Module):
         temporal_layers=self.temporal_layers, temporal_heads=self.temporal_heads,
         temporal_intermediate=self.temporal_intermediate, max_positions=self.max_positions,
         proj_features=self.hidden, frozen=self.local_frozen, dropout=self.dropout,
-        dtype=self.dtype, param_dtype=self.param_dtype)
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        attention_implementation=self.attention_implementation,
+        conv3d_implementation=self.conv3d_implementation, fold_batch_norm=self.fold_batch_norm)
 
   @nn.compact
   def __call__(self, local_images: jax.Array, global_images: jax.Array, *,
@@ -392,14 +422,16 @@ class DualTrack(nn.Module):
             f'{grid} frames at regular_grid_indices({num_frames}, '
             f'{self.grid_spacing}), got {global_images.shape[1]}')
     indices = jnp.arange(global_images.shape[1], dtype=jnp.int32) * self.grid_spacing
-    kw = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
+              attention_implementation=self.attention_implementation)
     local = LocalEncoder(**self.local_encoder_kwargs(), name='local_encoder')(
         local_images, train=train)
     context = GlobalEncoder(
         cnn_widths=self.global_cnn_widths, cnn_stem_width=self.global_cnn_stem_width,
         hidden=self.hidden, num_layers=self.global_layers, num_heads=self.global_heads,
         max_positions=self.max_positions, frozen_backbone=self.global_frozen_backbone,
-        name='global_encoder', **kw)(global_images, indices, train=train)
+        fold_batch_norm=self.fold_batch_norm, name='global_encoder', **kw)(
+            global_images, indices, train=train)
     fused = transformer.BertEncoder(
         self.fusion_layers, self.fusion_heads, 2 * self.hidden, self.max_positions,
         cross_attention=True, name='fusion', **kw)(local, context, deterministic=not train)

@@ -33,7 +33,8 @@ class LocalEncoderStage1(nn.Module):
   and `target_mean`, `target_std`: the pose is `fc(features) * target_std + target_mean`, so `fc`
   regresses standardised targets. None (the original) is `fc(features)` itself. `causal`: the
   CNN's temporal convs see past frames only (`vidrn18_small_window_trck_reg_causal`, the hybrid
-  transformer baseline's CNN).
+  transformer baseline's CNN). `conv3d_implementation` and `fold_batch_norm`: the CNN's
+  (resnet3d.py; the latter with variables from `resnet3d.fold_batch_norm`).
   The pooled features and `fc` are computed in float32 whatever `dtype` is: the head is tiny and
   its outputs are regressed in mm and degrees.
   """
@@ -45,6 +46,8 @@ class LocalEncoderStage1(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   causal: bool = False
+  conv3d_implementation: str = 'frame_conv'
+  fold_batch_norm: bool = False
 
   @property
   def temporal_radius(self) -> int:
@@ -77,7 +80,9 @@ class LocalEncoderStage1(nn.Module):
                        f'got shape {images.shape}')
     features = resnet3d.VideoResNet(
         self.widths, self.stem_width, self.temporal_kernels, dtype=self.dtype,
-        param_dtype=self.param_dtype, causal=self.causal, name='backbone')(images, train=train)
+        param_dtype=self.param_dtype, causal=self.causal,
+        conv3d_implementation=self.conv3d_implementation, fold_batch_norm=self.fold_batch_norm,
+        name='backbone')(images, train=train)
     pooled = features.astype(jnp.float32).mean(axis=(2, 3))
     poses = nn.Dense(6, kernel_init=_torch_linear_init(pooled.shape[-1]),
                      bias_init=_torch_linear_init(pooled.shape[-1]), param_dtype=self.param_dtype,

@@ -29,14 +29,16 @@ class ImageStem(nn.Module):
   features: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  fold_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    bn_kw = dict(train=train, folded=self.fold_batch_norm, **kw)
     x = resnet3d.conv(self.width, (7, 7), (2, 2), name='0', **kw)(x)
-    x = nn.relu(resnet3d.batch_norm(train=train, name='1', **kw)(x))
+    x = nn.relu(resnet3d.batch_norm(name='1', **bn_kw)(x))
     x = resnet3d.conv(self.features, (3, 3), (1, 1), name='3', **kw)(x)
-    return nn.relu(resnet3d.batch_norm(train=train, name='4', **kw)(x))
+    return nn.relu(resnet3d.batch_norm(name='4', **bn_kw)(x))
 
 
 class ImageResNet(nn.Module):
@@ -47,11 +49,13 @@ class ImageResNet(nn.Module):
     stem_width: channels of the stem's 7x7 conv.
     dtype: computation dtype (e.g. jnp.bfloat16); batch statistics are still computed in float32.
     param_dtype: parameter dtype.
+    fold_batch_norm: inference with variables from `resnet3d.fold_batch_norm`.
   """
   widths: Sequence[int] = (64, 128, 256, 512)
   stem_width: int = 45
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  fold_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -63,7 +67,7 @@ class ImageResNet(nn.Module):
     """
     if x.ndim != 4:
       raise ValueError(f'ImageResNet: input must be (B, H, W, C), got shape {x.shape}')
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, fold_batch_norm=self.fold_batch_norm)
     x = ImageStem(self.stem_width, self.widths[0], name='stem', **kw)(x, train)
     for i, width in enumerate(self.widths):
       x = resnet3d.ResLayer(width, (3, 3), 1 if i == 0 else 2, name=f'layer{i + 1}', **kw)(

@@ -11,6 +11,11 @@ kernel transpose (O, I, kT, kH, kW) -> (kT, kH, kW, I, O).
 
 `conv`, `batch_norm`, `ConvBN`, `BasicBlock` and `ResLayer` take kernels of any rank, so the
 per-frame 2D ResNet of the global encoder (`resnet2d.py`) is built from the same blocks.
+
+Two inference and accelerator options, both computing the same function from the same parameters:
+`conv3d_implementation` runs the 3D convolutions as per-tap 2D convolutions ('frame_conv', the
+default: faster on XLA:CPU) or as XLA's native 3D convolution ('native'); `fold_batch_norm` takes
+variables whose BatchNorm is folded into the convolutions (`fold_batch_norm` below), for inference.
 """
 from collections.abc import Callable, Iterator, Sequence
 import contextlib
@@ -23,10 +28,12 @@ import jax
 import jax.numpy as jnp
 
 import ultrasound_common.batch_norm
+from ultrasound_common import errors
 
 # Temporal kernel size of the 3x3x3 convolutions in layer1..layer4.
 LARGE_WINDOW = (3, 3, 3, 3)  # `video_rn18_base`, used by both released checkpoints.
 SMALL_WINDOW = (3, 1, 1, 1)  # `video_rn18_small_temporal_context`.
+CONV3D_IMPLEMENTATIONS = ('frame_conv', 'native')
 
 # torchvision initialises video ResNet convs with kaiming_normal_(mode="fan_out", relu).
 _KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -56,6 +63,7 @@ class FrameConv(nn.Module):
   The parameter is the same `kernel` (kT, kH, kW, I, O) that nn.Conv would hold. With `causal`,
   its taps after the centre are zeroed in the forward pass, as the original's `CausalConv3d`
   (which zeroes them in its weight before every call): output t sees frames t - kT // 2 .. t.
+  `implementation` 'native' computes the same convolution with XLA's 3D convolution instead.
   """
   features: int
   kernel: Sequence[int]
@@ -63,6 +71,7 @@ class FrameConv(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   causal: bool = False
+  implementation: str = 'frame_conv'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -73,6 +82,10 @@ class FrameConv(nn.Module):
     if self.causal:
       kernel = jnp.asarray(kernel).at[self.kernel[0] // 2 + 1:].set(0)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    if self.implementation == 'native':
+      return jax.lax.conv_general_dilated(
+          x, kernel, tuple(self.strides), [(k // 2, k // 2) for k in self.kernel],
+          dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
     return frame_conv(x, kernel, tuple(self.strides[1:]))
 
 
@@ -160,27 +173,44 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def conv(features: int, kernel: Sequence[int], strides: Sequence[int], *, name: str,
-         dtype: Any, param_dtype: Any, causal: bool = False) -> nn.Module:
+         dtype: Any, param_dtype: Any, causal: bool = False,
+         conv3d_implementation: str = 'frame_conv') -> nn.Module:
   """Bias-free conv (2D, or 3D as `FrameConv`) with torch's symmetric zero padding k // 2.
 
   Explicit pairs, not "SAME": "SAME" pads stride-2 convs on even sizes asymmetrically (0 before,
   1 after), which shifts the sampling grid by one pixel relative to the PyTorch model.
   """
   if len(kernel) == 3:
+    if conv3d_implementation not in CONV3D_IMPLEMENTATIONS:
+      raise errors.InputError(f'conv3d_implementation={conv3d_implementation!r} is not one of '
+                              f'{", ".join(CONV3D_IMPLEMENTATIONS)}')
     return FrameConv(features, tuple(kernel), tuple(strides), dtype=dtype,
-                     param_dtype=param_dtype, causal=causal, name=name)
+                     param_dtype=param_dtype, causal=causal, implementation=conv3d_implementation,
+                     name=name)
   return nn.Conv(features, tuple(kernel), strides=tuple(strides),
                  padding=tuple((k // 2, k // 2) for k in kernel), use_bias=False,
                  kernel_init=_KAIMING_FAN_OUT, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def batch_norm(*, train: bool, name: str, dtype: Any,
-               param_dtype: Any) -> ultrasound_common.batch_norm.BatchNorm:
-  """torch's BatchNorm (momentum 0.1, eps 1e-5): its unbiased running-variance update included."""
+def batch_norm(*, train: bool, name: str, dtype: Any, param_dtype: Any,
+               folded: bool = False) -> ultrasound_common.batch_norm.BatchNorm:
+  """torch's BatchNorm (momentum 0.1, eps 1e-5): its unbiased running-variance update included.
+
+  `folded`: only the bias of `fold_batch_norm`'s variables (inference).
+  """
   # Flax momentum weights the old statistic: 0.9 here is torch's momentum=0.1.
   return ultrasound_common.batch_norm.BatchNorm(use_running_average=not train, momentum=0.9,
                                             epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
-                                            name=name)
+                                            folded=folded, name=name)
+
+
+def fold_batch_norm(variables: Any) -> dict[str, Any]:
+  """`variables` of a ResNet here (or a model built of them) for `fold_batch_norm=True`.
+
+  Every BatchNorm follows a bias-free convolution ('1' after '0', '4' after '3'), whose kernel
+  is scaled per output channel (`ultrasound_common.batch_norm.fold`); inference only.
+  """
+  return ultrasound_common.batch_norm.fold(variables, out_axis=-1, epsilon=1e-5)
 
 
 class ConvBN(nn.Module):
@@ -191,12 +221,15 @@ class ConvBN(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   causal: bool = False
+  conv3d_implementation: str = 'frame_conv'
+  fold_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = conv(self.features, self.kernel, self.strides, name='0', causal=self.causal, **kw)(x)
-    return batch_norm(train=train, name='1', **kw)(x)
+    x = conv(self.features, self.kernel, self.strides, name='0', causal=self.causal,
+             conv3d_implementation=self.conv3d_implementation, **kw)(x)
+    return batch_norm(train=train, name='1', folded=self.fold_batch_norm, **kw)(x)
 
 
 class BasicBlock(nn.Module):
@@ -212,11 +245,15 @@ class BasicBlock(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   causal: bool = False
+  conv3d_implementation: str = 'frame_conv'
+  fold_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv_bn = functools.partial(ConvBN, self.features, dtype=self.dtype,
-                                param_dtype=self.param_dtype)
+                                param_dtype=self.param_dtype,
+                                conv3d_implementation=self.conv3d_implementation,
+                                fold_batch_norm=self.fold_batch_norm)
     ones = (1,) * len(self.kernel)
     strides = ones[:-2] + (self.spatial_stride, self.spatial_stride)
     y = nn.relu(conv_bn(self.kernel, strides, causal=self.causal, name='conv1')(x, train))
@@ -237,14 +274,18 @@ class Stem(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   causal: bool = False
+  conv3d_implementation: str = 'frame_conv'
+  fold_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = conv(self.width, (1, 7, 7), (1, 2, 2), name='0', **kw)(x)
-    x = nn.relu(batch_norm(train=train, name='1', **kw)(x))
-    x = conv(self.features, (3, 1, 1), (1, 1, 1), name='3', causal=self.causal, **kw)(x)
-    return nn.relu(batch_norm(train=train, name='4', **kw)(x))
+    conv_kw = dict(conv3d_implementation=self.conv3d_implementation, **kw)
+    bn_kw = dict(train=train, folded=self.fold_batch_norm, **kw)
+    x = conv(self.width, (1, 7, 7), (1, 2, 2), name='0', **conv_kw)(x)
+    x = nn.relu(batch_norm(name='1', **bn_kw)(x))
+    x = conv(self.features, (3, 1, 1), (1, 1, 1), name='3', causal=self.causal, **conv_kw)(x)
+    return nn.relu(batch_norm(name='4', **bn_kw)(x))
 
 
 class ResLayer(nn.Module):
@@ -255,11 +296,15 @@ class ResLayer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   causal: bool = False
+  conv3d_implementation: str = 'frame_conv'
+  fold_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     block = functools.partial(BasicBlock, self.features, self.kernel, dtype=self.dtype,
-                              param_dtype=self.param_dtype, causal=self.causal)
+                              param_dtype=self.param_dtype, causal=self.causal,
+                              conv3d_implementation=self.conv3d_implementation,
+                              fold_batch_norm=self.fold_batch_norm)
     x = block(self.spatial_stride, name='0')(x, train)
     return block(1, name='1')(x, train)
 
@@ -278,6 +323,8 @@ class VideoResNet(nn.Module):
     causal: every temporal conv sees the current and past frames only (the original's causal
       variants, `causal_video_rn18_2_frames` and `vidrn18_small_window_trck_reg_causal`);
       `temporal_radius` then bounds the past context, and there is no future context.
+    conv3d_implementation: 'frame_conv' (default) or 'native' (module docstring).
+    fold_batch_norm: inference with variables from `fold_batch_norm`.
   """
   widths: Sequence[int] = (64, 128, 256, 512)
   stem_width: int = 45
@@ -285,6 +332,8 @@ class VideoResNet(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   causal: bool = False
+  conv3d_implementation: str = 'frame_conv'
+  fold_batch_norm: bool = False
 
   @property
   def temporal_radius(self) -> int:
@@ -307,9 +356,10 @@ class VideoResNet(nn.Module):
     if any(k < 1 or k % 2 == 0 for k in self.temporal_kernels):
       raise ValueError('VideoResNet: temporal_kernels must be odd (symmetric padding keeps T), '
                        f'got {tuple(self.temporal_kernels)}')
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = Stem(self.stem_width, self.widths[0], causal=self.causal, name='stem', **kw)(x, train)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, causal=self.causal,
+              conv3d_implementation=self.conv3d_implementation,
+              fold_batch_norm=self.fold_batch_norm)
+    x = Stem(self.stem_width, self.widths[0], name='stem', **kw)(x, train)
     for i, (width, kt) in enumerate(zip(self.widths, self.temporal_kernels)):
-      x = ResLayer(width, (kt, 3, 3), 1 if i == 0 else 2, causal=self.causal,
-                   name=f'layer{i + 1}', **kw)(x, train)
+      x = ResLayer(width, (kt, 3, 3), 1 if i == 0 else 2, name=f'layer{i + 1}', **kw)(x, train)
     return x

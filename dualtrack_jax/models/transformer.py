@@ -11,6 +11,10 @@ Cross-attention never has a positional term (HF builds it with position_embeddin
 "absolute"). `ViTEncoder` is HF `ViTModel(add_pooling_layer=False)` returning the CLS token
 (the local encoder's stage 2): pre-LN layers without dropout.
 
+`attention_implementation` (every module here) selects how attention runs: 'einsum' (the default,
+the explicit form of `_attention`), 'xla' or 'cudnn' (`jax.nn.dot_product_attention`, the
+relative-key term as its additive bias; see ultrasound_common/attention.py).
+
 torch -> Flax names (Linear weight (out, in) -> Dense kernel (in, out), LayerNorm weight -> scale):
   layer.{i}.attention.self.{query,key,value}    -> layer_{i}/attention/{query,key,value}
   layer.{i}.attention.self.distance_embedding   -> layer_{i}/attention/distance_embedding
@@ -37,6 +41,8 @@ import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+from ultrasound_common import attention
 
 LAYER_NORM_EPS = 1e-12  # HF BertConfig / ViTConfig default (Flax's default is 1e-6).
 # HF ViT: torch trunc_normal_(std=0.02, a=-2, b=2), whose absolute bounds are 100 std away.
@@ -84,8 +90,20 @@ def relative_key_logits(q: jax.Array, table: jax.Array) -> jax.Array:
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, relative: jax.Array | None,
-               dropout: nn.Dropout | None, deterministic: bool) -> jax.Array:
-  """softmax((q.k [+ relative]) / sqrt(d)) v over (B, N, H, d) heads; logits and softmax in f32."""
+               dropout: nn.Dropout | None, deterministic: bool, implementation: str,
+               owner: str) -> jax.Array:
+  """softmax((q.k [+ relative]) / sqrt(d)) v over (B, N, H, d) heads; logits and softmax in f32.
+
+  `implementation` (ultrasound_common/attention.py) 'xla' or 'cudnn' runs it as
+  `jax.nn.dot_product_attention` with the bias relative / sqrt(d), unless attention dropout
+  applies; 'einsum' is the explicit form below.
+  """
+  dropout_active = dropout is not None and dropout.rate > 0 and not deterministic
+  fused = attention.fused(implementation, q, dropout_active=dropout_active, owner=owner)
+  if fused:
+    scale = 1 / math.sqrt(q.shape[-1])
+    return attention.dot_product_attention(
+        q, k, v, fused, bias=None if relative is None else relative * scale, scale=scale)
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
   if relative is not None:
     logits = logits + relative  # before the scaling, as HF does
@@ -131,12 +149,14 @@ class BertAttention(nn.Module):
     dropout: on the attention probabilities and on the output (HF default 0.1).
     dtype: computation dtype of the matmuls; logits and softmax are float32.
     param_dtype: parameter dtype.
+    attention_implementation: 'einsum', 'xla' or 'cudnn' (module docstring).
   """
   num_heads: int
   max_positions: int | None = None
   dropout: float = 0.1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
@@ -165,7 +185,8 @@ class BertAttention(nn.Module):
                        embedding_init=nn.initializers.normal(1.0),  # torch nn.Embedding
                        param_dtype=self.param_dtype, name='distance_embedding').embedding
       relative = relative_key_logits(q, table)
-    context_layer = _attention(q, k, v, relative, nn.Dropout(self.dropout), deterministic)
+    context_layer = _attention(q, k, v, relative, nn.Dropout(self.dropout), deterministic,
+                               self.attention_implementation, name)
     return BertOutput(self.dropout, self.dtype, self.param_dtype, name='output')(
         context_layer.reshape(*x.shape[:-1], hidden), x, deterministic=deterministic)
 
@@ -194,6 +215,7 @@ class BertLayer(nn.Module):
     cross_attention: add a cross-attention block to `encoder_states` (the fusion module).
     dropout: hidden and attention-probability dropout in training (HF default 0.1).
     dtype: computation dtype; param_dtype: parameter dtype.
+    attention_implementation: 'einsum', 'xla' or 'cudnn' (module docstring).
   """
   num_heads: int
   intermediate_size: int
@@ -202,6 +224,7 @@ class BertLayer(nn.Module):
   dropout: float = 0.1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: jax.Array, encoder_states: jax.Array | None = None, *,
@@ -210,7 +233,8 @@ class BertLayer(nn.Module):
     if self.cross_attention != (encoder_states is not None):
       raise ValueError(f'{_module_name(self)}: encoder_states must be given iff '
                        f'cross_attention (cross_attention={self.cross_attention})')
-    kw = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
+              attention_implementation=self.attention_implementation)
     x = BertAttention(self.num_heads, self.max_positions, name='attention', **kw)(
         x, deterministic=deterministic)
     if self.cross_attention:
@@ -218,7 +242,8 @@ class BertLayer(nn.Module):
           x, encoder_states, deterministic=deterministic)
     h = BertIntermediate(self.intermediate_size, self.dtype, self.param_dtype,
                          name='intermediate')(x)
-    return BertOutput(name='output', **kw)(h, x, deterministic=deterministic)
+    return BertOutput(self.dropout, self.dtype, self.param_dtype, name='output')(
+        h, x, deterministic=deterministic)
 
 
 class BertEncoder(nn.Module):
@@ -234,6 +259,7 @@ class BertEncoder(nn.Module):
   dropout: float = 0.1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: jax.Array, encoder_states: jax.Array | None = None, *,
@@ -242,7 +268,8 @@ class BertEncoder(nn.Module):
     for i in range(self.num_layers):
       x = BertLayer(self.num_heads, self.intermediate_size, self.max_positions,
                     self.cross_attention, self.dropout, self.dtype, self.param_dtype,
-                    name=f'layer_{i}')(x, encoder_states, deterministic=deterministic)
+                    self.attention_implementation, name=f'layer_{i}')(
+                        x, encoder_states, deterministic=deterministic)
     return x
 
 
@@ -273,6 +300,7 @@ class ViTAttention(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -283,7 +311,7 @@ class ViTAttention(nn.Module):
     name = _module_name(self)
     q, k, v = (_split_heads(dense(label)(x), self.num_heads, name)
                for label in ('query', 'key', 'value'))
-    out = _attention(q, k, v, None, None, True)
+    out = _attention(q, k, v, None, None, True, self.attention_implementation, name)
     return dense('output')(out.reshape(x.shape))
 
 
@@ -293,12 +321,14 @@ class ViTLayer(nn.Module):
   intermediate_size: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = nn.LayerNorm(LAYER_NORM_EPS, name='layernorm_before', **kw)(x)
-    x = x + ViTAttention(self.num_heads, name='attention', **kw)(h)
+    x = x + ViTAttention(self.num_heads, name='attention',
+                         attention_implementation=self.attention_implementation, **kw)(h)
     h = nn.LayerNorm(LAYER_NORM_EPS, name='layernorm_after', **kw)(x)
     h = nn.Dense(self.intermediate_size, kernel_init=_VIT_INIT, name='intermediate', **kw)(h)
     h = nn.gelu(h, approximate=False)
@@ -314,6 +344,7 @@ class ViTEncoder(nn.Module):
     patch_size: patch (and stride) of the embedding conv.
     hidden: token width; num_layers, num_heads, intermediate_size: the pre-LN layers.
     dtype: computation dtype; param_dtype: parameter dtype.
+    attention_implementation: 'einsum', 'xla' or 'cudnn' (module docstring).
   """
   feature_map_size: int = 16
   patch_size: int = 2
@@ -323,6 +354,7 @@ class ViTEncoder(nn.Module):
   intermediate_size: int = 32
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -337,5 +369,6 @@ class ViTEncoder(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = ViTEmbeddings(self.patch_size, self.hidden, name='embeddings', **kw)(x)
     for i in range(self.num_layers):
-      x = ViTLayer(self.num_heads, self.intermediate_size, name=f'layer_{i}', **kw)(x)
+      x = ViTLayer(self.num_heads, self.intermediate_size, name=f'layer_{i}',
+                   attention_implementation=self.attention_implementation, **kw)(x)
     return nn.LayerNorm(LAYER_NORM_EPS, name='layernorm', **kw)(x[:, 0])

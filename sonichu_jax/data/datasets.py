@@ -7,6 +7,11 @@ task, `seed`, optional `generator` fields of SyntheticConfig) are generated once
 fresh clone trains with no download. With `config.data.fair_split` the validation records are the
 card's "fair validation" (15 %, seed 42) held out of `train/` (for data whose `val/` has no
 labels), and the training records the rest. `config.data.tasks` (optional) restricts the tasks.
+
+`config.data.pseudo_labels` (optional): folders written by `sonichu_jax.pseudo_label` (the FM_UIA
+layout, records in `train/`) whose records join the TRAINING records only, so that validation
+stays on original labels (the card's "fair validation"). A pseudo-labelled image that is also a
+validation image is refused: it would leak the validation set into training.
 """
 import os
 
@@ -42,7 +47,32 @@ def load_split(data: ml_collections.ConfigDict, split: str) -> list[fmuia.Keypoi
     raise errors.InputError(f'split must be one of {SPLITS}, got {split!r}')
   root = _synthetic_root(data.synthetic) if data.dataset == SYNTHETIC else data.dataset
   task_names = data.get('tasks') or None
+
+  def read(name: str) -> list[fmuia.KeypointRecord]:
+    return fmuia.load_split(os.path.join(root, name), task_names)
+
   if data.get('fair_split', False):
-    train, val = fmuia.fair_split(fmuia.load_split(os.path.join(root, 'train'), task_names))
-    return train if split == 'train' else val
-  return fmuia.load_split(os.path.join(root, split), task_names)
+    train, val = fmuia.fair_split(read('train'))
+  else:
+    train, val = read('train'), read('val')
+  if split == 'val':
+    return val
+  return train + _pseudo_labelled(list(data.get('pseudo_labels') or ()), task_names, val)
+
+
+def _pseudo_labelled(folders: list[str], task_names, val: list[fmuia.KeypointRecord]
+                     ) -> list[fmuia.KeypointRecord]:
+  """The records of the `config.data.pseudo_labels` folders; none may be a validation image."""
+  held_out = {(r.task, os.path.realpath(r.image_path)): r.source for r in val}
+  records = []
+  for i, folder in enumerate(folders):
+    if not os.path.isdir(folder):
+      raise errors.MissingFileError(f'config.data.pseudo_labels[{i}]: {folder}: no such folder')
+    for record in fmuia.load_split(os.path.join(folder, 'train'), task_names):
+      leak = held_out.get((record.task, os.path.realpath(record.image_path)))
+      if leak:
+        raise errors.InputError(
+            f'config.data.pseudo_labels[{i}]: {record.source}: image {record.image_path} is a '
+            f'validation image ({leak}); pseudo-labelling it would leak validation into training')
+      records.append(record)
+  return records

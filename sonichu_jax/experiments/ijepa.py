@@ -13,6 +13,16 @@ exactly the original's sequence, with the update of the last step left pending i
 (`target_encoder` applies it; evaluation uses that). The params enter the EMA under stop_gradient:
 the target encoder is never differentiated.
 
+Frozen teacher (SALT, the recipe US-JEPA uses): with `config.frozen_target.workdir` set, the EMA
+is off and the target encoder is the encoder of another run, read once (`read_frozen_target`) and
+never updated: an I-JEPA run's target encoder (also a converted official checkpoint,
+`launch.convert --model=ijepa`), or the backbone of a keypoint run (`params/backbone`). It stays in
+the 'target' collection (whose step still counts the steps; nothing is pending), and so is saved
+with every checkpoint: the jitted step takes only the train state and the batch, and weights
+closed over would be compiled into the program as constants; a resume continues with the saved
+teacher (the folder is still read at start-up, where `init` is traced, to check it). `init`
+fetches the weights with a host callback, for the same reason.
+
 Data: `config.data.dataset` 'synthetic' (the built-in synthetic scenes, `sonichu_jax.data.
 ijepa_pipeline.synthetic_pool`) or a folder whose `train/` and `val/` hold image files, e.g. an
 FM_UIA data folder (`folder_images`; at most `data.max_val_images` validation images).
@@ -34,6 +44,7 @@ from sonichu_jax import preprocess
 from sonichu_jax.data import ijepa_masks
 from sonichu_jax.data import ijepa_pipeline
 from sonichu_jax.models import ijepa
+from ultrasound_common import checkpoints
 from ultrasound_common import errors
 
 MASK_KEYS = ('context_index', 'context_valid', 'target_index', 'target_valid')
@@ -87,6 +98,61 @@ def ema_update(target: Any, params: Any, step: jax.Array, total_steps: int,
   return new, m
 
 
+_MODEL_KEYS = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio')
+
+
+def read_frozen_target(spec: ml_collections.ConfigDict, template: Any) -> dict[str, np.ndarray]:
+  """The frozen target encoder named by `config.frozen_target` (module docstring), as NumPy.
+
+  Args:
+    spec: `config.frozen_target` with 'workdir' (a run folder or a step folder) and 'checkpoint'
+      ('best': the best, else the latest; 'latest'; or a step number).
+    template: the encoder's parameters (arrays or shapes) that the weights must match.
+
+  Raises:
+    InputError or MissingFileError naming `config.frozen_target.workdir`: no checkpoint there, no
+      encoder in it, or an encoder of another architecture.
+  """
+  path, checkpoint = str(spec.workdir), str(spec.get('checkpoint', 'best'))
+  key = f'config.frozen_target.workdir={path!r}'
+  try:
+    variables = checkpoints.read_variables(path, checkpoint)
+    source = checkpoints.read_config(path, checkpoint)
+  except FileNotFoundError as e:
+    raise errors.MissingFileError(f'{key}: {e}') from None
+  except ValueError as e:
+    raise errors.InputError(f'{key}: {e}') from None
+  if 'encoder' in variables.get('target', {}):
+    encoder, where = variables['target']['encoder'], 'target/encoder'
+  elif 'backbone' in variables.get('params', {}):
+    encoder, where = variables['params']['backbone'], 'params/backbone'
+  else:
+    raise errors.InputError(
+        f'{key}: the checkpoint ({source.get("experiment")}) has neither a target encoder '
+        f"('target/encoder') nor a backbone ('params/backbone'); collections: "
+        f'{ {k: sorted(v) for k, v in variables.items()} }')
+  want = jax.tree_util.tree_flatten_with_path(template)[0]
+  got = jax.tree_util.tree_flatten_with_path(encoder)[0]
+  if [(p, tuple(x.shape)) for p, x in got] != [(p, tuple(x.shape)) for p, x in want]:
+    theirs = source.get('model', {})
+    differ = {k: theirs.get(k) for k in _MODEL_KEYS if k in theirs}
+    shapes = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in got}
+    raise errors.InputError(
+        f'{key}: its encoder ({where}) is of another architecture than config.model (and '
+        f'config.data.image_size); its config.model: {differ}; first tensors: '
+        f'{dict(list(shapes.items())[:3])}')
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), encoder)
+
+
+def steps_per_epoch_of(config: ml_collections.ConfigDict, num_images: int | None = None) -> int:
+  """Optimiser steps per epoch: the training images over the batch (at least 1). Without
+  `num_images`, synthetic data counts `data.synthetic.num_train` and a folder is listed."""
+  if num_images is None:
+    num_images = (config.data.synthetic.num_train if config.data.dataset == 'synthetic'
+                  else len(ijepa_pipeline.folder_images(config.data.dataset, 'train')))
+  return max(num_images // config.batch_size, 1)
+
+
 class Experiment:
   """I-JEPA pretraining; see `launch/experiment.py` for the protocol."""
 
@@ -96,6 +162,9 @@ class Experiment:
     self.masks = mask_config(config)
     ijepa_pipeline.check_grid(config.data.image_size, config.model.patch_size, self.masks)
     self.ema = tuple(float(x) for x in config.ema)
+    frozen = config.get('frozen_target', None)
+    self.frozen_target = frozen if frozen is not None and frozen.get('workdir') else None
+    self._frozen_weights = None
     self.train_images = self.val_images = None
     if load_data and config.data.dataset == 'synthetic':
       s = config.data.synthetic
@@ -111,7 +180,8 @@ class Experiment:
 
   @property
   def steps_per_epoch(self) -> int:
-    return max(len(self.train_images) // self.config.batch_size, 1)
+    return steps_per_epoch_of(self.config, None if self.train_images is None
+                              else len(self.train_images))
 
   @property
   def total_steps(self) -> int:
@@ -130,28 +200,43 @@ class Experiment:
     inputs = [jnp.asarray(batch[k][:1]) for k in MASK_KEYS]
     images = jnp.asarray(batch['image'][:1], self.model.encoder.dtype)
     params = self.model.init(rng, images, *inputs)['params']
-    # The original's target encoder starts as a deep copy of the context encoder.
-    target = {'encoder': jax.tree.map(jnp.copy, params['encoder']),
-              'step': jnp.zeros((), jnp.int32)}
-    return {'params': params, 'target': target}
+    if self.frozen_target is None:
+      # The original's target encoder starts as a deep copy of the context encoder.
+      encoder = jax.tree.map(jnp.copy, params['encoder'])
+    else:
+      if self._frozen_weights is None:  # Read (and checked) while tracing: before any step.
+        with jax.ensure_compile_time_eval():  # Orbax's restore needs concrete arrays.
+          self._frozen_weights = read_frozen_target(self.frozen_target, params['encoder'])
+      weights = self._frozen_weights
+      encoder = jax.pure_callback(
+          lambda: weights, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), weights))
+    return {'params': params, 'target': {'encoder': encoder, 'step': jnp.zeros((), jnp.int32)}}
 
   def target_encoder(self, variables) -> Any:
-    """The target encoder with the pending EMA update of the last step applied."""
+    """The target encoder with the pending EMA update of the last step applied (a frozen target
+    as it is)."""
     target = variables['target']
+    if self.frozen_target is not None:
+      return target['encoder']
     return ema_update(target['encoder'], variables['params']['encoder'], target['step'],
                       self.total_steps, self.ema)[0]
 
   def loss_fn(self, variables, batch, rng):
     del rng  # No stochastic layers.
     params, target = variables['params'], variables['target']
-    encoder, m = ema_update(target['encoder'], params['encoder'], target['step'],
-                            self.total_steps, self.ema)
     images = jnp.asarray(batch['image'], self.model.encoder.dtype)
+    if self.frozen_target is None:
+      encoder, m = ema_update(target['encoder'], params['encoder'], target['step'],
+                              self.total_steps, self.ema)
+    else:
+      encoder = target['encoder']
     loss, aux = ijepa.ijepa_loss(self.model, params, encoder, images,
                                  *[batch[k] for k in MASK_KEYS])
-    metrics = {'ema_momentum': m, 'target_std': aux['target_std'],
+    metrics = {'target_std': aux['target_std'],
                'zero_prediction_loss': aux['zero_prediction_loss'],
                'context_tokens': jnp.mean(jnp.sum(batch['context_valid'], axis=-1))}
+    if self.frozen_target is None:
+      metrics['ema_momentum'] = m
     return loss, (metrics, {'target': {'encoder': encoder, 'step': target['step'] + 1}})
 
   def _eval_step(self, variables, batch):

@@ -70,6 +70,8 @@ def build_model(config: ml_collections.ConfigDict) -> sonichu.SonichuModel:
       tasks=tasks.TASK_NAMES, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
       num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, drop_path_rate=m.drop_path_rate,
       head_filters=m.head_filters, temperature=m.temperature,
+      attention_implementation=m.get('attention_implementation', 'einsum'),
+      deconv_implementation=m.get('deconv_implementation', 'subpixel'),
       dtype=jnp.dtype(config.compute_dtype))
 
 
@@ -141,7 +143,7 @@ class Experiment:
       self.train_records = datasets.load_split(config.data, 'train')
       self.val_records = datasets.load_split(config.data, 'val')
     self._baseline = None
-    self._predict_padded = jax.jit(self._padded_keypoints, static_argnames=('tta',))
+    self._predict_padded = jax.jit(self.padded_keypoints, static_argnames=('tta',))
 
   @property
   def steps_per_epoch(self) -> int:
@@ -194,6 +196,16 @@ class Experiment:
                           features)
 
   def loss_fn(self, variables, batch, rng):
+    loss, step_metrics, stats, _ = self.supervised_terms(variables, batch, rng)
+    return loss, (step_metrics, {'batch_stats': stats})
+
+  def supervised_terms(self, variables, batch, rng):
+    """The train-mode forward and its loss on the batch's labels, for `loss_fn` and for
+    experiments that add terms on the same prediction (distillation).
+
+    Returns:
+      (loss, metrics, the new batch_stats, the (B, 22, 2) predicted keypoints).
+    """
     images = jnp.asarray(batch['image'], self.model.dtype)
     features = self._features(variables, images, train=True, rng=rng)
     # Batches hold one task (the pipeline guarantees it), so row 0 names the head.
@@ -207,10 +219,9 @@ class Experiment:
     scale = batch['image_hw'][:, None, ::-1].astype(jnp.float32)
     err = jnp.linalg.norm((pred - batch['keypoints']) * scale, axis=-1)
     mre = jnp.sum(err * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    return loss, ({'keypoint_loss': coordinate, 'heatmap_kl': heatmap, 'mre_px': mre},
-                  {'batch_stats': stats})
+    return loss, {'keypoint_loss': coordinate, 'heatmap_kl': heatmap, 'mre_px': mre}, stats, pred
 
-  def _padded_keypoints(self, variables, images, task_index, tta: bool = False):
+  def padded_keypoints(self, variables, images, task_index, tta: bool = False):
     """(B, 22, 2) normalised keypoints of one task's batch (inference; optional flip TTA)."""
     images = jnp.asarray(images, self.model.dtype)
     if not tta:

@@ -9,14 +9,72 @@ parameter-free ReLUs), with Flax's `_` for torch's `.` after `deconv_layers`.
 torch's ConvTranspose2d(k=4, s=2, p=1, output_padding=0) is Flax's ConvTranspose with
 `transpose_kernel=True` and explicit padding k - 1 - p = 2 on each side; its (I, O, kh, kw) weight
 becomes the (kh, kw, O, I) kernel by the permutation (2, 3, 1, 0).
+
+`deconv_implementation='subpixel'` (the default) computes the deconvolutions from their kernels
+as one stride-1 convolution and a depth-to-space (`subpixel_conv_transpose`): XLA's GPU transposed
+convolutions are a known slow path (jax issues 23783, 31662), and on XLA:CPU the head runs about
+1.35x faster this way (docs/performance.md); 'transposed' is Flax's ConvTranspose.
+`fold_batch_norm` takes variables whose BatchNorm is folded into the deconvolutions
+(`ultrasound_common.batch_norm.fold`), for inference.
 """
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ultrasound_common import batch_norm
+from ultrasound_common import errors
+
+DECONV_IMPLEMENTATIONS = ('subpixel', 'transposed')
+# Output phase p (0: even, 1: odd) and tap t of its 2x2 window -> row (or column) of the 4x4
+# kernel: output 2m + p of torch's ConvTranspose2d(k=4, s=2, p=1) reads input m - 1 + p + t (tap
+# t of the window starting at m + p in the input padded by 1) through kernel index 3 - p - 2t.
+_PHASE_TAPS = np.array([[3, 1], [2, 0]])
+
+
+def subpixel_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """torch's ConvTranspose2d(k=4, s=2, p=1) as a stride-1 convolution and a depth-to-space.
+
+  Args:
+    x: (B, h, w, I) inputs.
+    kernel: the (4, 4, O, I) kernel of Flax's `ConvTranspose(transpose_kernel=True)`.
+
+  Returns:
+    (B, 2h, 2w, O), equal to the transposed convolution: each of the four output phases
+    (row and column parity) is a 2x2 convolution of the input padded by 1, so one 2x2 VALID
+    convolution to 4 O channels computes all of them at (h + 1) x (w + 1) positions, and output
+    (2m + py, 2n + px) is phase (py, px) at (m + py, n + px).
+  """
+  if kernel.shape[:2] != (4, 4):
+    raise ValueError(f'subpixel_conv_transpose: needs a 4x4 kernel, got {kernel.shape}')
+  b, h, w, _ = x.shape
+  out = kernel.shape[2]
+  # (py, ty, px, tx, O, I) -> (ty, tx, I, py, px, O) -> HWIO with 4 O outputs.
+  phases = kernel[_PHASE_TAPS][:, :, _PHASE_TAPS].transpose(1, 3, 5, 0, 2, 4)
+  y = jax.lax.conv_general_dilated(
+      x, phases.reshape(2, 2, kernel.shape[3], 4 * out), (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC')).reshape(b, h + 1, w + 1, 2, 2, out)
+  rows = [jnp.stack([y[:, py:py + h, px:px + w, py, px] for px in (0, 1)], axis=3)
+          for py in (0, 1)]
+  return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, out)
+
+
+class SubPixelConvTranspose(nn.Module):
+  """`nn.ConvTranspose(features, (4, 4), (2, 2), ((2, 2), (2, 2)), transpose_kernel=True,
+  use_bias=False)`, the same `kernel` parameter, computed by `subpixel_conv_transpose`."""
+  features: int
+  kernel_init: nn.initializers.Initializer
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init, (4, 4, self.features, x.shape[-1]),
+                        self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    return subpixel_conv_transpose(x, kernel)
 
 
 class ViTPoseHead(nn.Module):
@@ -27,11 +85,16 @@ class ViTPoseHead(nn.Module):
     filters: channels of both deconvolutions (256 in ViTPose and SONICHU).
     dtype: computation dtype; batch statistics stay float32.
     param_dtype: parameter dtype.
+    deconv_implementation: 'subpixel' (the kernels as a stride-1 convolution and a
+      depth-to-space) or 'transposed' (Flax's ConvTranspose); the same function.
+    fold_batch_norm: the variables have BatchNorm folded into the deconvolutions (inference).
   """
   num_keypoints: int
   filters: int = 256
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  deconv_implementation: str = 'subpixel'
+  fold_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -41,18 +104,26 @@ class ViTPoseHead(nn.Module):
       x: backbone output, channels-last.
       train: batch norm uses (and, with mutable 'batch_stats', updates) the batch's statistics.
     """
+    if self.deconv_implementation not in DECONV_IMPLEMENTATIONS:
+      raise errors.InputError(f'ViTPoseHead: deconv_implementation={self.deconv_implementation!r} '
+                              f'is not one of {", ".join(DECONV_IMPLEMENTATIONS)}')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # ViTPose's init_weights: deconvolutions and the final conv ~ N(0, 0.001), zero final bias, so
     # the initial heatmaps are nearly flat and soft-argmax starts at the image centre.
     small = nn.initializers.normal(0.001)
     for i in (0, 3):
-      x = nn.ConvTranspose(self.filters, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
-                           transpose_kernel=True, use_bias=False, kernel_init=small,
-                           name=f'deconv_layers_{i}', **kw)(x)
+      name = f'deconv_layers_{i}'
+      if self.deconv_implementation == 'subpixel':
+        x = SubPixelConvTranspose(self.filters, small, name=name, **kw)(x)
+      else:
+        x = nn.ConvTranspose(self.filters, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
+                             transpose_kernel=True, use_bias=False, kernel_init=small, name=name,
+                             **kw)(x)
       # torch's BatchNorm2d, unbiased running variance included; Flax momentum weights the old
       # statistic: 0.9 is torch's momentum=0.1.
       x = batch_norm.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                               name=f'deconv_layers_{i + 1}', **kw)(x)
+                               folded=self.fold_batch_norm, name=f'deconv_layers_{i + 1}',
+                               **kw)(x)
       x = nn.relu(x)
     return nn.Conv(self.num_keypoints, (1, 1), kernel_init=small, name='final_layer', **kw)(x)
 

@@ -27,6 +27,7 @@ from sonichu_jax import tasks as tasks_lib
 from sonichu_jax.models.heads import soft_argmax
 from sonichu_jax.models.heads import ViTPoseHead
 from sonichu_jax.models.vit import VisionTransformer
+from ultrasound_common import batch_norm
 
 
 class SonichuModel(nn.Module):
@@ -44,6 +45,12 @@ class SonichuModel(nn.Module):
       integral-regression standard for a model trained on coordinates).
     dtype: computation dtype.
     param_dtype: parameter dtype.
+    attention_implementation: the backbone's attention, 'einsum' (default), 'xla' or 'cudnn'
+      (ultrasound_common/attention.py).
+    deconv_implementation: the heads' deconvolutions, 'subpixel' (default) or 'transposed'
+      (heads.py).
+    fold_batch_norm: inference with variables from `fold_batch_norm` (the heads' BatchNorm folded
+      into their deconvolutions).
   """
   tasks: Sequence[str] = tasks_lib.TASK_NAMES
   patch_size: int = 16
@@ -57,15 +64,21 @@ class SonichuModel(nn.Module):
   temperature: float = 1.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: str = 'einsum'
+  deconv_implementation: str = 'subpixel'
+  fold_batch_norm: bool = False
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.backbone = VisionTransformer(
         patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
         num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, patch_padding=self.patch_padding,
-        drop_path_rate=self.drop_path_rate, **kw)
+        drop_path_rate=self.drop_path_rate,
+        attention_implementation=self.attention_implementation, **kw)
     # A dict of submodules: Flax names them heads_{task}.
-    self.heads = {name: ViTPoseHead(tasks_lib.get_task(name).num_keypoints, self.head_filters, **kw)
+    self.heads = {name: ViTPoseHead(tasks_lib.get_task(name).num_keypoints, self.head_filters,
+                                    deconv_implementation=self.deconv_implementation,
+                                    fold_batch_norm=self.fold_batch_norm, **kw)
                   for name in self.tasks}
 
   def _head(self, task: str) -> ViTPoseHead:
@@ -117,6 +130,15 @@ def unflip_keypoints(coords: jax.Array, task: tasks_lib.Task) -> jax.Array:
   perm = jnp.asarray(task.flip_permutation())
   x, y = coords[..., 0], coords[..., 1]
   return jnp.stack([1.0 - x, y], axis=-1)[..., perm, :]
+
+
+def fold_batch_norm(variables: Any) -> dict[str, Any]:
+  """`variables` for the same model with `fold_batch_norm=True` (inference only).
+
+  Each head's BatchNorm is folded into the deconvolution before it, whose (kh, kw, O, I) kernel
+  has its output channels on axis -2.
+  """
+  return batch_norm.fold(variables, out_axis=-2)
 
 
 def init_variables(model: SonichuModel, rng: jax.Array, image_size: tuple[int, int] = (256, 256)):

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ultrasound_common import attention
+
 # I-JEPA / timm initialisation: Linear and Conv weights ~ N(0, 0.02) (torch's trunc_normal_(std=.02)
 # truncates at +-2 absolute, i.e. at 100 sigma: a plain normal), zero biases.
 _WEIGHT_INIT = nn.initializers.normal(0.02)
@@ -62,11 +64,16 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention: timm's fused `qkv` (outputs (3, heads, head_dim)) and `proj`."""
+  """Multi-head self-attention: timm's fused `qkv` (outputs (3, heads, head_dim)) and `proj`.
+
+  `attention_implementation` is 'einsum' (the explicit form below), 'xla' or 'cudnn'
+  (`jax.nn.dot_product_attention`; see ultrasound_common/attention.py).
+  """
   num_heads: int
   out_init: nn.initializers.Initializer
   dtype: Any
   param_dtype: Any
+  attention_implementation: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -74,11 +81,18 @@ class Attention(nn.Module):
     head_dim = d // self.num_heads
     qkv = nn.Dense(3 * d, kernel_init=_WEIGHT_INIT, dtype=self.dtype, param_dtype=self.param_dtype,
                    name='qkv')(x)
-    q, k, v = qkv.reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    logits = jnp.einsum('bhqc,bhkc->bhqk', q, k) * head_dim ** -0.5
-    # Softmax in float32 even for bfloat16 activations.
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum('bhqk,bhkc->bqhc', weights, v).reshape(b, n, d)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
+    fused = attention.fused(self.attention_implementation, qkv[:, :, 0], dropout_active=False,
+                            owner='VisionTransformer')
+    if fused:
+      out = attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], fused)
+      out = out.reshape(b, n, d)
+    else:
+      q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+      logits = jnp.einsum('bhqc,bhkc->bhqk', q, k) * head_dim ** -0.5
+      # Softmax in float32 even for bfloat16 activations.
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+      out = jnp.einsum('bhqk,bhkc->bqhc', weights, v).reshape(b, n, d)
     return nn.Dense(d, kernel_init=self.out_init, dtype=self.dtype, param_dtype=self.param_dtype,
                     name='proj')(out)
 
@@ -122,13 +136,16 @@ class Block(nn.Module):
   drop_path: float
   dtype: Any
   param_dtype: Any
+  attention_implementation: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # I-JEPA's fix_init_weight: attn.proj and mlp.fc2 of block l start divided by sqrt(2 l).
     out_init = nn.initializers.normal(0.02 / np.sqrt(2.0 * self.depth_index))
-    y = Attention(self.num_heads, out_init, name='attn', **kw)(_layer_norm('norm1', **kw)(x))
+    y = Attention(self.num_heads, out_init, name='attn',
+                  attention_implementation=self.attention_implementation, **kw)(
+                      _layer_norm('norm1', **kw)(x))
     x = x + _drop_path(y, self.drop_path, deterministic, self)
     y = Mlp(self.mlp_dim, out_init, name='mlp', **kw)(_layer_norm('norm2', **kw)(x))
     return x + _drop_path(y, self.drop_path, deterministic, self)
@@ -147,6 +164,7 @@ class VisionTransformer(nn.Module):
     drop_path_rate: stochastic depth of the last block, linearly from 0 at the first (timm's rule).
     dtype: computation dtype; parameters stay in `param_dtype`.
     param_dtype: parameter dtype.
+    attention_implementation: 'einsum' (default), 'xla' or 'cudnn' (see `Attention`).
   """
   patch_size: int = 16
   embed_dim: int = 768
@@ -157,6 +175,7 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: str = 'einsum'
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -185,6 +204,7 @@ class VisionTransformer(nn.Module):
     for i in range(self.depth):
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
       x = Block(self.num_heads, int(self.embed_dim * self.mlp_ratio), i + 1, rate,
-                name=f'blocks_{i}', **kw)(x, not train)
+                attention_implementation=self.attention_implementation, name=f'blocks_{i}',
+                **kw)(x, not train)
     x = _layer_norm('norm', **kw)(x)
     return x.reshape(b, gh, gw, d)
