@@ -1,10 +1,11 @@
 """Whole-sweep inference of the baselines for `launch.benchmark --bench=inference`.
 
-`--model=baseline_two_frame | baseline_monet | baseline_dclnet` (interface.INFERENCE_BENCHMARKS):
-one case per sweep length (--sizes, frames), the model of the baseline's config (--preset 'full',
-the default, or 'sim') with seeded random weights, timed on one sweep in model form: the N - 1
-stacked pairs of the 2-frame CNN in one batch, MoNet's (1, N) frames, DCLNet's N sliding
-5-frame clips. No comparison with the original (--original is refused).
+`--model=baseline_two_frame | baseline_monet | baseline_dclnet | baseline_hybrid`
+(interface.INFERENCE_BENCHMARKS): one case per sweep length (--sizes, frames), the model of the
+baseline's config (--preset 'full', the default, or 'sim') with seeded random weights, timed on one
+sweep in model form: the N - 1 stacked pairs of the 2-frame CNN in one batch, MoNet's and the
+hybrid transformer's (1, N) frames (end to end: CNN and transformer), DCLNet's N sliding 5-frame
+clips. No comparison with the original (--original is refused).
 """
 from collections.abc import Callable, Iterator, Mapping
 import dataclasses
@@ -50,6 +51,10 @@ _BASELINES = {
                                                                 dtype=dtype),
         lambda rng, n, hw, config: rng.random((n, config.data.window, *hw), np.float32),
         lambda n: n, 'clips'),
+    'baseline_hybrid': _Baseline(
+        'baseline_hybrid.py', lambda m, dtype: baselines.HybridTransformer(
+            **common.module_kwargs(m), dtype=dtype),
+        lambda rng, n, hw, config: rng.random((1, n, *hw), np.float32), lambda n: n, 'frames'),
 }
 
 

@@ -363,6 +363,7 @@ def test_dclnet_refuses_a_frame_pair_window():
     ('baseline_two_frame', {}),
     ('baseline_monet', dict(widths=(4, 4, 8, 8), stem_width=4, lstm_hidden=8, lstm_layers=1)),
     ('baseline_dclnet', TINY_DCLNET),
+    ('baseline_hybrid', TINY_HYBRID),
 ])
 def test_inference_benchmark_cases_run(name, overrides):
   options = bench_inference.Options(sizes=(6,), steps=1)
