@@ -53,9 +53,13 @@ def subpixel_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
   out = kernel.shape[2]
   # (py, ty, px, tx, O, I) -> (ty, tx, I, py, px, O) -> HWIO with 4 O outputs.
   phases = kernel[_PHASE_TAPS][:, :, _PHASE_TAPS].transpose(1, 3, 5, 0, 2, 4)
-  y = jax.lax.conv_general_dilated(
-      x, phases.reshape(2, 2, kernel.shape[3], 4 * out), (1, 1), ((1, 1), (1, 1)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC')).reshape(b, h + 1, w + 1, 2, 2, out)
+  phases = phases.reshape(2, 2, kernel.shape[3], 4 * out)
+  # The 2x2 convolution as four shifted matmuls: its gradients are matmuls too, where XLA:CPU's
+  # convolution kernel gradients are a slow path (6 of the 8.5 s of a full-size SONICHU gradient
+  # at batch 2 went to the heads' deconvolution kernels).
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  y = sum(jnp.einsum('bhwi,io->bhwo', padded[:, ty:ty + h + 1, tx:tx + w + 1], phases[ty, tx])
+          for ty in (0, 1) for tx in (0, 1)).reshape(b, h + 1, w + 1, 2, 2, out)
   rows = [jnp.stack([y[:, py:py + h, px:px + w, py, px] for px in (0, 1)], axis=3)
           for py in (0, 1)]
   return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, out)
