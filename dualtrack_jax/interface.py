@@ -142,15 +142,21 @@ def _frames(height: int, width: int) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((1, 2, height, width), jnp.float32)
 
 
-def _two_frame_backbone(state_dict: dict[str, np.ndarray], source: str) -> dict[str, Any]:
-  """config.model keys of a train_2_frame_cnn.py state dict, from its first key's module."""
+def _two_frame_backbone(state_dict: dict[str, np.ndarray], source: str
+                        ) -> tuple[dict[str, Any], int]:
+  """config.model keys of a train_2_frame_cnn.py state dict, from its first key's module, and
+  its input channels (2 frames, plus 2 with `--optical_flow`)."""
   keys = {'conv_stem.weight': dict(backbone='efficientnet_b1'),
           'conv1.0.weight': dict(backbone='resnet10t'),
-          'fc1.weight': dict(backbone='prevost', norm='batch' if 'norm1.weight' in state_dict
-                             else None)}
+          'conv1.weight': dict(backbone='prevost', norm='batch' if 'norm1.weight' in state_dict
+                               else None)}
   for key, model in keys.items():
     if key in state_dict:
-      return model
+      channels = int(np.shape(state_dict[key])[1])
+      if channels not in (2, 4):
+        raise errors.InputError(f'{source}: {key} takes {channels} input channels; a 2-frame CNN '
+                                'takes 2 (the frames) or 4 (the frames and their optical flow)')
+      return model, channels
   raise errors.InputError(f'{source}: not a train_2_frame_cnn.py model state dict (none of '
                           f'{", ".join(keys)})')
 
@@ -160,8 +166,10 @@ def _model(name: str, state_dict: dict[str, np.ndarray], config: ml_collections.
   """(module, abstract inputs for init); sets the converted model's keys in `config`."""
   if name == 'two_frame_cnn':
     # The Prevost ConvNet's fc1 fixes the input size: config.data.crop (128 x 128, its own).
-    config.model.update(_two_frame_backbone(state_dict, source))
-    pairs = jax.ShapeDtypeStruct((1, *config.data.crop, 2), jnp.float32)
+    model, channels = _two_frame_backbone(state_dict, source)
+    config.model.update(model)
+    config.data.optical_flow = channels == 4
+    pairs = jax.ShapeDtypeStruct((1, *config.data.crop, channels), jnp.float32)
     return baseline_two_frame.network(config.model), (pairs,)
   if name == 'local_stage1':
     config.model.update(_local_stage1_architecture(state_dict, source))

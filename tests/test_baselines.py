@@ -11,6 +11,7 @@ import h5py
 import jax
 import numpy as np
 import pytest
+from scipy import ndimage
 
 import dualtrack_goldens
 from dualtrack_jax import baseline_benchmarks
@@ -196,6 +197,27 @@ def test_two_frame_cnn_converts_from_and_to_torch():
   with pytest.raises(errors.InputError, match=r'other.pt: not a train_2_frame_cnn.py model'):
     interface.from_torch('two_frame_cnn', {'stem.weight': np.zeros(1)}, config,
                          source='other.pt', allow_reinit=None, seed=0)
+  # A model trained with --optical_flow: its stem takes 4 channels, and the config says so.
+  flow_state = dict(state)
+  stem = state['conv1.0.weight']
+  flow_state['conv1.0.weight'] = np.concatenate([stem, stem], axis=1)
+  variables, config = interface.from_torch('two_frame_cnn', flow_state, config, source='flow.pt',
+                                           allow_reinit=None, seed=0)
+  assert config.data.optical_flow
+  assert np.array_equal(interface.to_torch(variables, config, source='run')['conv1.0.weight'],
+                        flow_state['conv1.0.weight'])
+
+
+def test_farneback_flow_measures_a_shift():
+  """The optical-flow channels: a texture moved 2 px right and 1 px down has flow (2, 1)."""
+  texture = ndimage.gaussian_filter(np.random.default_rng(0).random((80, 80)), 2.0)
+  texture = 255 * (texture - texture.min()) / np.ptp(texture)  # Smooth speckle-like blobs.
+  first = texture[8:72, 8:72].astype(np.uint8)
+  second = texture[7:71, 6:70].astype(np.uint8)  # Content at (x, y) is now at (x + 2, y + 1).
+  flow = baseline_two_frame.farneback_flow(np.stack([first, first]), np.stack([second, first]))
+  assert flow.shape == (2, 64, 64, 2) and flow.dtype == np.float32
+  np.testing.assert_allclose(np.median(flow[0, 16:48, 16:48], axis=(0, 1)), [2.0, 1.0], atol=0.1)
+  np.testing.assert_allclose(flow[1, 16:48, 16:48], 0.0, atol=1e-3)  # The same frame twice.
 
 
 @pytest.fixture(scope='module')
@@ -240,7 +262,8 @@ def test_two_frame_refuses_a_clip_backbone():
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name,data,model', [
-    ('baseline_two_frame.py', {}, {}),
+    # With the optical-flow channels (the challenge case below runs without them).
+    ('baseline_two_frame.py', dict(optical_flow=True), {}),
     # The challenge's point loss (on the Prevost ConvNet: EfficientNet-B1 compiles slowly).
     ('baseline_two_frame.py:challenge_sim', {}, dict(backbone='prevost', drop_path=0.0)),
     ('baseline_monet.py', dict(window=4, crop=(32, 32)),

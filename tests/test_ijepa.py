@@ -5,6 +5,7 @@ The goldens in tests/fixtures/ijepa/golden.npz come from the original code (face
 """
 import importlib.util
 import os
+import types
 
 import flax
 import jax
@@ -16,6 +17,7 @@ import pytest
 from launch import checkpointing
 from launch import trainer
 from sonichu_jax import convert_ijepa
+from sonichu_jax import torch_steps
 from sonichu_jax.data import ijepa_masks
 from sonichu_jax.data import ijepa_pipeline
 from sonichu_jax.experiments import ijepa as ijepa_experiment
@@ -354,15 +356,18 @@ def test_frozen_target_stays_fixed_while_the_context_encoder_learns(tmp_path):
   checkpointing.save_variables(os.path.join(run, checkpointing.BEST_DIR), 3,
                                {'params': {'backbone': encoder, 'heads_HC': {'b': np.ones(2)}}},
                                {'experiment': 'sonichu_jax.experiments.keypoints'})
-  read = ijepa_experiment.read_frozen_target
-  got = read(ml_collections.ConfigDict(dict(workdir=run)), encoder)
+  def read(path, template):
+    return ijepa_experiment.read_encoder(path, 'best', template,
+                                         key=f'config.frozen_target.workdir={path!r}')
+
+  got = read(run, encoder)
   np.testing.assert_array_equal(got['norm']['scale'], encoder['norm']['scale'])
   wide = jax.tree.map(lambda x: np.zeros(x.shape[:-1] + (x.shape[-1] + 1,)), encoder)
   with pytest.raises(ValueError, match=r"config.frozen_target.workdir='.*keypoints'.*"
                                        'another architecture'):
-    read(ml_collections.ConfigDict(dict(workdir=run)), wide)
+    read(run, wide)
   with pytest.raises(FileNotFoundError, match=r"config.frozen_target.workdir='.*nowhere'"):
-    read(ml_collections.ConfigDict(dict(workdir=str(tmp_path / 'nowhere'))), encoder)
+    read(str(tmp_path / 'nowhere'), encoder)
 
 
 # Training and init_from -------------------------------------------------------------------------
@@ -519,3 +524,23 @@ def test_launch_convert_round_trips_the_official_layout(tmp_path):
     interface.from_torch('ijepa', {k: v for k, v in flat.items() if k.startswith('encoder.')},
                          ml_collections.ConfigDict(config), source='back', allow_reinit=None,
                          seed=0)
+
+
+def test_official_step_benchmark_inputs(tmp_path):
+  """launch.benchmark --bench=train --original=IJEPA's masks (cut to the batch's shortest list, as
+  the official collator does) and its errors, which come before torch is imported."""
+  index = np.array([[[1, 2, 3], [4, 5, 0]], [[6, 7, 8], [9, 0, 0]]])  # (B=2, M=2, K=3)
+  valid = index > 0
+  lists = torch_steps._index_lists(index, valid, types.SimpleNamespace(from_numpy=np.asarray))
+  np.testing.assert_array_equal(lists[0], [[1, 2, 3], [6, 7, 8]])
+  np.testing.assert_array_equal(lists[1], [[4], [9]])
+  config = _load('pretrain_ijepa.py', 'sim')
+  with pytest.raises(ValueError, match=r"--original='/nowhere': not a checkout of "
+                                       'facebookresearch/ijepa'):
+    torch_steps.ijepa_step(config, {}, original='/nowhere', device='cpu')
+  checkout = tmp_path / 'ijepa'
+  (checkout / 'src' / 'models').mkdir(parents=True)
+  (checkout / 'src' / 'models' / 'vision_transformer.py').write_text('')
+  config.frozen_target.workdir = 'runs/other'
+  with pytest.raises(ValueError, match='config.frozen_target.workdir'):
+    torch_steps.ijepa_step(config, {}, original=str(checkout), device='cpu')

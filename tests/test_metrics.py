@@ -8,6 +8,8 @@ import pytest
 from scipy.spatial.distance import directed_hausdorff
 
 from dualtrack_jax import metrics, pose
+from dualtrack_jax.data import registry, simulator, sweeps, transforms
+from dualtrack_jax.experiments import common
 
 H, W, N = 6, 8, 5  # small image and sweep for the brute-force references
 SX, SY = 0.5, 0.25
@@ -307,3 +309,38 @@ def test_bad_inputs_raise():
     metrics.tusrec_errors(PRED, GT, P2I, (H, W), np.array([[1, 9, 1]]))
   with pytest.raises(ValueError, match='exactly one of points, image_shape'):
     metrics.displacement_errors(PRED, GT, P2I)
+
+
+def test_sweep_evaluator_adds_all_pixel_and_tusrec_metrics_on_the_evaluated_frames(tmp_path):
+  """Whole-sweep evaluation (dualtrack_jax.experiments.common.SweepEvaluator) scores the sweep
+  files' landmarks: at spacing 2 those on even frames, renumbered, as sweep_metrics would."""
+  config = simulator.SimulatorConfig(height=24, width=32, num_frames=(13, 13))
+  records = registry.read_sweep_csv(simulator.write_dataset(
+      tmp_path, config=config, num_train=1, num_val=1, seed=0))
+  train, val = records[0], records[1]
+  offset = np.array([0.05, -0.02, 0.1, 0.3, -0.2, 0.1])
+
+  def predict(item):
+    return pose.relative_pose_vectors(item['tracking'][::2]) + offset
+
+  evaluator = common.SweepEvaluator([val], [train], crop=(16, 24), spacing=2)
+  got = evaluator(predict).metrics
+  without = common.SweepEvaluator([val], [train], crop=(16, 24), spacing=2, full_ddf=False)
+  assert not any(k.startswith(('tusrec/', 'ddf/all-pts-')) for k in without(predict).metrics)
+
+  with sweeps.SweepReader(val.path) as reader:
+    crop = transforms.center_crop(dict(images=reader.images(0, reader.num_frames),
+                                       tracking=reader.tracking,
+                                       pixel_to_image=reader.pixel_to_image), (16, 24))
+    landmarks = reader.landmarks
+  even = landmarks[landmarks[:, 0] % 2 == 0]
+  assert 0 < len(even) < len(landmarks)
+  even[:, 0] //= 2
+  top, left = transforms.center_crop_params((24, 32), (16, 24))
+  want = metrics.sweep_metrics(
+      common.trajectory(predict(crop)), pose.global_transforms(crop['tracking'][::2]),
+      crop['pixel_to_image'] @ common._pixel_translation(-left, -top), (24, 32),
+      all_pixels=True, landmarks=even)
+  for key in ('tusrec/GPE', 'tusrec/GLE', 'tusrec/LPE', 'tusrec/LLE',
+              'ddf/all-pts-avg_global_displacement_error', 'ddf/5pt-avg_global_displacement_error'):
+    assert got[key] == pytest.approx(want[key], rel=1e-9), key

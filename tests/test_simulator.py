@@ -46,6 +46,19 @@ def test_same_seed_same_bytes_different_seed_differs():
   assert np.mean(a['images'][:n] != c['images'][:n]) > 0.5
 
 
+def test_landmarks_are_tusrec_style_and_leave_the_images_unchanged():
+  with_landmarks = simulator.simulate_sweep(SHORT, 5)
+  without = simulator.simulate_sweep(dataclasses.replace(SHORT, num_landmarks=0), 5)
+  assert 'landmarks' not in without
+  assert with_landmarks['images'].tobytes() == without['images'].tobytes()
+  landmarks = with_landmarks['landmarks']
+  n = len(with_landmarks['tracking'])
+  assert landmarks.shape == (20, 3) and landmarks.dtype == np.int64
+  # Frames 1..N-1 (frame 0 has no displacement), x in 1..W and y in 1..H (1-based pixels).
+  for column, high in ((0, n - 1), (1, 128), (2, 96)):
+    assert 1 <= landmarks[:, column].min() and landmarks[:, column].max() <= high
+
+
 def test_geometry_arrays_follow_the_dualtrack_format():
   out = simulator.simulate_sweep(SHORT, 0)
   n = len(out['tracking'])
@@ -184,6 +197,7 @@ def test_write_dataset_writes_valid_sweeps_and_csv(tmp_path):
     np.testing.assert_array_equal(reader.images(0, reader.num_frames), again['images'])
     np.testing.assert_array_equal(reader.tracking, again['tracking'])
     np.testing.assert_allclose(reader.pixel_to_image, again['pixel_to_image'])
+    np.testing.assert_array_equal(reader.landmarks, again['landmarks'])
 
 
 def _forbid_simulation(*args, **kwargs):

@@ -72,6 +72,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.eval_every_epochs = 50  # `check_val_every_n_epoch`.
   c.eval_batch_size = 8  # `inference_batch_size`: clips per inference batch.
   c.plot_outline_every = 0
+  # All-pixel DDF errors and, for sweep files with landmarks, the TUS-REC GPE/GLE/LPE/LLE in every
+  # evaluation (the original's --include_full_ddf_metrics; costly at 480x640 over long sweeps).
+  c.eval_full_ddf = True
   c.best_metric = 'ddf/5pt-avg_local_displacement_error'
   c.best_mode = 'min'
   c.keep_checkpoints = 3

@@ -73,6 +73,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.eval_every_epochs = 10  # `--val_every`.
   c.eval_tile = 128  # Frames per CNN tile of whole-sweep inference (exact; memory bound).
   c.plot_outline_every = 0
+  # All-pixel DDF errors and, for sweep files with landmarks, the TUS-REC GPE/GLE/LPE/LLE in every
+  # evaluation (the original's --include_full_ddf_metrics; costly at 480x640 over long sweeps).
+  c.eval_full_ddf = True
   c.best_metric = 'ddf/5pt-avg_global_displacement_error'
   c.best_mode = 'min'
   c.keep_checkpoints = 3

@@ -56,6 +56,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.pixel_std = 1.0
   c.data.augment = mlc.ConfigDict(dict(flip_p=0.5, reverse_p=0.5, random_crop=True))
   c.data.skip_frame_p = 0.2  # `--skip_frame_prob`: the pair is frames j and j + 2.
+  # `--optical_flow`: the pair's Farneback flow as two more input channels (the script's authors
+  # "did not observe any benefit of it when using larger CNNs").
+  c.data.optical_flow = False
   c.data.synthetic = mlc.ConfigDict()
   c.data.synthetic.num_train = 24
   c.data.synthetic.num_val = 6
@@ -93,6 +96,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.eval_every_epochs = 100  # `--validate_every`.
   c.eval_batch_size = 64  # Pairs per inference batch over a whole sweep.
   c.plot_outline_every = 0
+  # All-pixel DDF errors and, for sweep files with landmarks, the TUS-REC GPE/GLE/LPE/LLE in every
+  # evaluation (the original's --include_full_ddf_metrics; costly at 480x640 over long sweeps).
+  c.eval_full_ddf = True
   c.best_metric = 'ddf/5pt-avg_global_displacement_error'
   c.best_mode = 'min'
   c.keep_checkpoints = 3

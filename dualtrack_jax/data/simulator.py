@@ -108,6 +108,9 @@ class SimulatorConfig:
     dynamic_range_db: log-compression range shown between black and white.
     display_max_db: level shown as white, relative to the mean speckle power of 0 dB tissue.
     max_field_mib: refuse configs whose speckle ring buffer would exceed this (MiB).
+    num_landmarks: TUS-REC-style landmarks per sweep (frame, x, y): uniform frames in [1, N)
+      and uniform 1-based pixels, so that the challenge's GLE and LLE are measured on simulated
+      sweeps (20, as in the 2024 challenge; 0: none).
   """
   height: int = 96
   width: int = 128
@@ -130,6 +133,7 @@ class SimulatorConfig:
   dynamic_range_db: float = 50.0
   display_max_db: float = 22.0
   max_field_mib: float = 2048.0
+  num_landmarks: int = 20
 
   def __post_init__(self):
     def fail(name, problem):
@@ -138,7 +142,7 @@ class SimulatorConfig:
     for name in ('height', 'width'):
       if getattr(self, name) < 2:
         fail(name, 'must be >= 2 pixels')
-    for name in ('num_layers', 'num_vessels', 'num_bones'):
+    for name in ('num_layers', 'num_vessels', 'num_bones', 'num_landmarks'):
       if getattr(self, name) < 0:
         fail(name, 'must be >= 0')
     for name in ('lateral_drift_mm', 'axial_drift_mm', 'attenuation_db_per_cm'):
@@ -451,10 +455,12 @@ def simulate_sweep(config: SimulatorConfig, seed: int | Sequence[int]) -> dict[s
   """Simulates one sweep; the same config and seed give the same bytes.
 
   Returns dict(images=(N, H, W) uint8, tracking=(N, 4, 4) float64, spacing=(3,) float64,
-  pixel_to_image=(4, 4) float64), the arrays of the DualTrack h5 sweep format.
+  pixel_to_image=(4, 4) float64, landmarks=(L, 3) int64 if config.num_landmarks), the arrays of
+  the DualTrack h5 sweep format.
   """
-  motion_rng, tissue_rng, field_rng, noise_rng = (
-      np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
+  # A fifth stream for the landmarks leaves the first four (so the images) as they were.
+  motion_rng, tissue_rng, field_rng, noise_rng, landmark_rng = (
+      np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5))
   tracking = _trajectory(config, motion_rng)
   h, w = config.height, config.width
   frames_per_chunk = max(1, _CHUNK_PIXELS // (h * w))
@@ -489,8 +495,13 @@ def simulate_sweep(config: SimulatorConfig, seed: int | Sequence[int]) -> dict[s
     level_db = 10.0 * np.log10(signal.real ** 2 + signal.imag ** 2 + 1e-12)
     scaled = (level_db - black_db) * (255.0 / config.dynamic_range_db)
     images[chunk] = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-  return dict(images=images, tracking=tracking,
-              spacing=np.array([*config.pixel_spacing_mm, 1.0]), pixel_to_image=p2i)
+  out = dict(images=images, tracking=tracking,
+             spacing=np.array([*config.pixel_spacing_mm, 1.0]), pixel_to_image=p2i)
+  if config.num_landmarks:
+    n, k = len(tracking), config.num_landmarks
+    out['landmarks'] = np.stack([landmark_rng.integers(1, n, k), landmark_rng.integers(1, w + 1, k),
+                                 landmark_rng.integers(1, h + 1, k)], axis=1).astype(np.int64)
+  return out
 
 
 def sweep_seed(seed: int, split: str, index: int) -> tuple[int, int, int]:

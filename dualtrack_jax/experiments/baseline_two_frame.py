@@ -11,8 +11,15 @@ Departures from the script, on purpose: frames are cropped (random crop in train
 at test, as every DualTrack stage) rather than resized, so that the motion is expressed in the
 same crop frame as the other methods' and the metrics compare; the script's horizontal flip
 mirrors the rows (`torch.flip(dims=(1,))` of a (C, H, W) tensor) while changing the tracking as
-for a column mirror, a bug replaced by `transforms.horizontal_flip`. Farneback optical-flow
-channels (off in the README command) are not implemented.
+for a column mirror, a bug replaced by `transforms.horizontal_flip`.
+
+Optical flow (`config.data.optical_flow`, the script's `--optical_flow`, off in the README
+command): two more input channels, the dense Farneback flow from the first frame to the second
+(OpenCV's `calcOpticalFlowFarneback` with the script's parameters, in pixels, not normalised), on
+the uint8 frames the network sees. Departures: the flow is computed after the crop, flip and
+reversal (the script computes it before its flip, so a flipped pair keeps the unflipped flow
+field's horizontal component: a bug not reproduced), and every backbone takes it (the script
+widens only resnet10t's stem to 4 channels).
 
 Backbones (`config.model.backbone`): 'prevost' (`Prevost2018ConvNet`, `--model prevostnet`),
 'resnet10t' (timm's, `--model resnet10`, the script's default) and 'efficientnet_b1' (timm's, the
@@ -28,6 +35,7 @@ unchanged; the corners are those of the crop the network sees.
 """
 from typing import Any
 
+import cv2
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -71,9 +79,29 @@ def network(model: ml_collections.ConfigDict, dtype: Any = jnp.float32):
                                    dtype=dtype)
 
 
+# calcOpticalFlowFarneback(pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags) as
+# train_2_frame_cnn.py calls it.
+FARNEBACK = (0.5, 3, 15, 3, 5, 1.2, 0)
+
+
+def farneback_flow(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+  """(..., h, w) uint8 frame pairs -> (..., h, w, 2) float32 flow (dx, dy) in pixels."""
+  first, second = np.asarray(first, np.uint8), np.asarray(second, np.uint8)
+  lead = first.shape[:-2]
+  flat = zip(first.reshape(-1, *first.shape[-2:]), second.reshape(-1, *second.shape[-2:]))
+  flows = [cv2.calcOpticalFlowFarneback(np.ascontiguousarray(a), np.ascontiguousarray(b), None,
+                                        *FARNEBACK) for a, b in flat]
+  return np.stack(flows).reshape(*lead, *first.shape[-2:], 2).astype(np.float32)
+
+
 def pairs(images: np.ndarray) -> np.ndarray:
   """(N, h, w) frames -> (N - 1, h, w, 2): every consecutive pair stacked as channels."""
   return np.stack([images[:-1], images[1:]], axis=-1)
+
+
+def _with_flow(batch: dict) -> dict:
+  images = batch['images']  # (B, 2, h, w) uint8.
+  return {**batch, 'flow': farneback_flow(images[:, 0], images[:, 1])}
 
 
 class Experiment(baselines.SweepPrediction, common.LocalExperimentBase):
@@ -83,20 +111,26 @@ class Experiment(baselines.SweepPrediction, common.LocalExperimentBase):
   def __init__(self, config: ml_collections.ConfigDict, *, load_data: bool = True):
     baselines.check_choice(config, 'loss', LOSSES, EXPERIMENT)
     self.model = network(config.model, common.dtype(config))
-    self._apply = jax.jit(lambda variables, x: self.model.apply(
-        variables, baselines.normalize(x, config.data)))
+    self.optical_flow = bool(config.data.get('optical_flow', False))
+    self._apply = jax.jit(lambda variables, x, flow: self.model.apply(
+        variables, self._channels(x, flow)))
     super().__init__(config, load_data=load_data)
 
   def train_dataset(self, *, seed: int, shard_index: int, shard_count: int):
-    return pipeline.frame_pairs(
+    ds = pipeline.frame_pairs(
         self.train_records, crop_hw=self.crop, batch_size=self.config.batch_size, seed=seed,
         augment=self.augmentation, skip_p=self.config.data.skip_frame_p,
         shard_index=shard_index, shard_count=shard_count)
+    return ds.map(_with_flow) if self.optical_flow else ds
+
+  def _channels(self, pairs_hwc, flow) -> jax.Array:
+    """(B, h, w, 2) uint8 pairs [+ (B, h, w, 2) flow] -> the network's normalised input."""
+    x = baselines.normalize(pairs_hwc, self.config.data)
+    return jnp.concatenate([x, jnp.asarray(flow, x.dtype)], axis=-1) if flow is not None else x
 
   def _inputs(self, batch) -> jax.Array:
-    # (B, 2, h, w) uint8 pairs -> (B, h, w, 2) normalised channels.
-    return baselines.normalize(jnp.moveaxis(jnp.asarray(batch['images']), 1, -1),
-                               self.config.data)
+    # (B, 2, h, w) uint8 pairs -> (B, h, w, 2 or 4) channels.
+    return self._channels(jnp.moveaxis(jnp.asarray(batch['images']), 1, -1), batch.get('flow'))
 
   def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:
     variables = dict(self.model.init(rng, self._inputs(batch)))
@@ -120,6 +154,13 @@ class Experiment(baselines.SweepPrediction, common.LocalExperimentBase):
     """(N - 1, 6) relative pose vectors of a whole sweep item: one per consecutive pair."""
     images = np.asarray(item['images'])
     baselines.require_frames(len(images), 2, f'sweep {item.get("sweep_id", "")}'.strip())
-    poses = baselines.chunked(lambda x: self._apply(variables, x), pairs(images),
-                              self.config.eval_batch_size)
+    stacked = pairs(images)
+    flow = farneback_flow(images[:-1], images[1:]) if self.optical_flow else None
+
+    def apply(rows):
+      rows = np.asarray(rows)
+      return self._apply(variables, stacked[rows], None if flow is None else flow[rows])
+
+    # Chunks of pair indices (the padding rows repeat pair 0 and are dropped).
+    poses = baselines.chunked(apply, np.arange(len(stacked)), self.config.eval_batch_size)
     return np.asarray(poses, np.float64)

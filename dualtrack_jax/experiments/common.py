@@ -6,6 +6,7 @@ no-motion and mean-motion predictors that a useful model must beat.
 """
 from collections.abc import Callable, Mapping
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -33,6 +34,11 @@ from ultrasound_common import errors
 
 # The metric the README and the original's checkpoint selection use ("GPE" of the paper's tables).
 GPE = 'ddf/5pt-avg_global_displacement_error'
+# What the trivial predictors (`baseline/zero_motion/`, `baseline/mean_motion/`) report: the
+# columns of a comparison table (the TUS-REC ones where the sweeps have landmarks).
+BASELINE_KEYS = (GPE, 'ddf/all-pts-avg_global_displacement_error',
+                 'ddf/all-pts-avg_local_displacement_error', 'drift/final_drift_rate',
+                 'tusrec/GPE', 'tusrec/GLE', 'tusrec/LPE', 'tusrec/LLE')
 # Pixels read per chunk when a sweep file is centre-cropped for prediction.
 _CROP_READ_PIXELS = 1 << 24
 # Keys of the whole-sweep pipeline that never go to the device (strings, float64 host metadata).
@@ -131,14 +137,20 @@ class SweepEvaluator:
       predicts motion between frames 0, 16, 32, ...); 1 = every frame.
     outline_every: draw the frame outline every this many frames in the trajectory plots
       (config.plot_outline_every; 0 = none).
+    full_ddf: also the all-pixel DDF metrics ('ddf/all-pts-*', the original's
+      --include_full_ddf_metrics) and, for sweeps whose files hold TUS-REC landmarks, the
+      challenge's 'tusrec/*' (GPE, GLE, LPE, LLE and scores) on the landmarks of the evaluated
+      frames (config.eval_full_ddf). Each metric is averaged over the sweeps that have it.
   """
 
   def __init__(self, val_records: list[registry.SweepRecord],
                train_records: list[registry.SweepRecord], *, crop: tuple[int, int],
-               global_source: str | None = None, spacing: int = 1, outline_every: int = 0):
+               global_source: str | None = None, spacing: int = 1, outline_every: int = 0,
+               full_ddf: bool = True):
     self.val_records, self.train_records = val_records, train_records
     self.crop, self.global_source, self.spacing = tuple(crop), global_source, spacing
-    self.outline_every = outline_every
+    self.outline_every, self.full_ddf = outline_every, full_ddf
+    self._paths = {r.sweep_id: r.path for r in val_records}
     self.image_hw = pipeline.SweepSource(val_records).image_shape
     self._baselines = None
 
@@ -148,6 +160,16 @@ class SweepEvaluator:
       with sweeps.SweepReader(record.path) as reader:
         vectors.append(pose.relative_pose_vectors(reader.tracking[::self.spacing]))
     return np.concatenate(vectors).mean(axis=0)
+
+  def _landmarks(self, sweep_id: str) -> np.ndarray | None:
+    """The sweep's landmarks on the evaluated frames (every `spacing`-th, renumbered), or None."""
+    with sweeps.SweepReader(self._paths[sweep_id]) as reader:
+      landmarks = reader.landmarks
+    if landmarks is None:
+      return None
+    landmarks = landmarks[landmarks[:, 0] % self.spacing == 0]
+    landmarks[:, 0] //= self.spacing
+    return landmarks if len(landmarks) else None
 
   def __call__(self, predict: Callable[[dict], np.ndarray]) -> EvalResult:
     """Scores `predict(item) -> (M-1, 6)` relative pose vectors between the evaluated frames of a
@@ -162,20 +184,26 @@ class SweepEvaluator:
       pixel_to_image = item['pixel_to_image'] @ _pixel_translation(-left, -top)
       gt = pose.global_transforms(item['tracking'][::self.spacing])
       pred = trajectory(predict(item))
-      per_sweep.append(metrics.sweep_metrics(pred, gt, pixel_to_image, self.image_hw))
+      sweep_id = str(item['sweep_id'])
+      score = functools.partial(
+          metrics.sweep_metrics, gt_global=gt, pixel_to_image=pixel_to_image,
+          image_shape=self.image_hw, all_pixels=self.full_ddf,
+          landmarks=self._landmarks(sweep_id) if self.full_ddf else None)
+      per_sweep.append(score(pred))
       if mean_motion is not None:
         n = len(gt)
         zero = np.broadcast_to(np.eye(4), (n, 4, 4))
         mean = trajectory(np.broadcast_to(mean_motion, (n - 1, 6)))
-        baselines.append({
-            f'baseline/{name}/{GPE}': metrics.sweep_metrics(
-                g, gt, pixel_to_image, self.image_hw)[GPE]
-            for name, g in (('zero_motion', zero), ('mean_motion', mean))})
-      trajectories.append(dict(sweep_id=str(item['sweep_id']), pred_global=pred, gt_global=gt,
+        for name, g in (('zero_motion', zero), ('mean_motion', mean)):
+          baselines.append({f'baseline/{name}/{k}': v for k, v in score(g).items()
+                            if k in BASELINE_KEYS})
+      trajectories.append(dict(sweep_id=sweep_id, pred_global=pred, gt_global=gt,
                                pixel_to_image=pixel_to_image, image_shape=self.image_hw))
     if mean_motion is not None:
-      self._baselines = {k: float(np.mean([b[k] for b in baselines])) for k in baselines[0]}
-    result = {k: float(np.mean([m[k] for m in per_sweep])) for k in per_sweep[0]}
+      keys = sorted({k for b in baselines for k in b})
+      self._baselines = {k: float(np.mean([b[k] for b in baselines if k in b])) for k in keys}
+    keys = sorted({k for m in per_sweep for k in m})
+    result = {k: float(np.mean([m[k] for m in per_sweep if k in m])) for k in keys}
     figures = {f'trajectory/{s["sweep_id"]}': plots.trajectory_figure(
         s['pred_global'], s['gt_global'], title=s['sweep_id'], pixel_to_image=s['pixel_to_image'],
         image_shape=s['image_shape'], outline_every=self.outline_every) for s in trajectories}
@@ -251,7 +279,8 @@ class LocalExperimentBase:
       self.val_records = datasets.load_split(config.data, 'val')
       self.evaluator = SweepEvaluator(self.val_records, self.train_records, crop=self.crop,
                                       global_source=self.global_source, spacing=self.spacing,
-                                      outline_every=config.get('plot_outline_every', 0))
+                                      outline_every=config.get('plot_outline_every', 0),
+                                      full_ddf=config.get('eval_full_ddf', True))
 
   @property
   def steps_per_epoch(self) -> int:

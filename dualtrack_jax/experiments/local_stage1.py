@@ -42,7 +42,8 @@ class Experiment:
       self.val_records = datasets.load_split(config.data, 'val')
       self.evaluator = common.SweepEvaluator(
           self.val_records, self.train_records, crop=tuple(config.data.crop),
-          outline_every=config.get('plot_outline_every', 0))
+          outline_every=config.get('plot_outline_every', 0),
+          full_ddf=config.get('eval_full_ddf', True))
 
   @property
   def steps_per_epoch(self) -> int:

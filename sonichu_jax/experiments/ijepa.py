@@ -14,7 +14,7 @@ exactly the original's sequence, with the update of the last step left pending i
 the target encoder is never differentiated.
 
 Frozen teacher (SALT, the recipe US-JEPA uses): with `config.frozen_target.workdir` set, the EMA
-is off and the target encoder is the encoder of another run, read once (`read_frozen_target`) and
+is off and the target encoder is the encoder of another run, read once (`read_encoder`) and
 never updated: an I-JEPA run's target encoder (also a converted official checkpoint,
 `launch.convert --model=ijepa`), or the backbone of a keypoint run (`params/backbone`). It stays in
 the 'target' collection (whose step still counts the steps; nothing is pending), and so is saved
@@ -101,20 +101,21 @@ def ema_update(target: Any, params: Any, step: jax.Array, total_steps: int,
 _MODEL_KEYS = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio')
 
 
-def read_frozen_target(spec: ml_collections.ConfigDict, template: Any) -> dict[str, np.ndarray]:
-  """The frozen target encoder named by `config.frozen_target` (module docstring), as NumPy.
+def read_encoder(path: str, checkpoint: str, template: Any, *, key: str) -> dict[str, np.ndarray]:
+  """A run's encoder as NumPy: an I-JEPA run's target encoder, or a keypoint run's backbone.
+
+  Used for the frozen target (`config.frozen_target`, module docstring) and by the feature probe.
 
   Args:
-    spec: `config.frozen_target` with 'workdir' (a run folder or a step folder) and 'checkpoint'
-      ('best': the best, else the latest; 'latest'; or a step number).
+    path: a run folder or a step folder.
+    checkpoint: 'best' (the best, else the latest), 'latest' or a step number.
     template: the encoder's parameters (arrays or shapes) that the weights must match.
+    key: what names `path` in errors, e.g. "config.frozen_target.workdir='runs/a'".
 
   Raises:
-    InputError or MissingFileError naming `config.frozen_target.workdir`: no checkpoint there, no
-      encoder in it, or an encoder of another architecture.
+    InputError or MissingFileError naming `key`: no checkpoint there, no encoder in it, or an
+      encoder of another architecture.
   """
-  path, checkpoint = str(spec.workdir), str(spec.get('checkpoint', 'best'))
-  key = f'config.frozen_target.workdir={path!r}'
   try:
     variables = checkpoints.read_variables(path, checkpoint)
     source = checkpoints.read_config(path, checkpoint)
@@ -206,7 +207,9 @@ class Experiment:
     else:
       if self._frozen_weights is None:  # Read (and checked) while tracing: before any step.
         with jax.ensure_compile_time_eval():  # Orbax's restore needs concrete arrays.
-          self._frozen_weights = read_frozen_target(self.frozen_target, params['encoder'])
+          self._frozen_weights = read_encoder(
+              str(self.frozen_target.workdir), str(self.frozen_target.get('checkpoint', 'best')),
+              params['encoder'], key=f'config.frozen_target.workdir={self.frozen_target.workdir!r}')
       weights = self._frozen_weights
       encoder = jax.pure_callback(
           lambda: weights, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), weights))
