@@ -10,6 +10,7 @@ from sonichu_jax import preprocess as pp
 from sonichu_jax import tasks
 from sonichu_jax.models import sonichu
 from sonichu_jax.models.heads import soft_argmax
+from ultrasound_common import activations
 
 # Reduced model for everything that runs: 64x64 inputs, 4x4 tokens, 16x16 heatmaps.
 TINY = dict(tasks=('FUGC', 'HC'), embed_dim=32, depth=2, num_heads=2, head_filters=16)
@@ -260,3 +261,14 @@ def test_keypoints_scale_back_to_original_pixels():
 def test_preprocess_errors(image, message):
   with pytest.raises(ValueError, match=message):
     pp.preprocess(image)
+
+
+def test_gelu_is_torchs_exact_gelu_with_its_derivative():
+  """ultrasound_common.activations.gelu: the erf formula, its closed-form gradient, bf16 kept."""
+  x = jnp.linspace(-8.0, 8.0, 2001, dtype=jnp.float32)
+  want = jax.nn.gelu(x, approximate=False)
+  np.testing.assert_allclose(activations.gelu(x), want, rtol=1e-6, atol=1e-6)
+  grad = jax.vmap(jax.grad(activations.gelu))(x)
+  want_grad = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
+  assert activations.gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16

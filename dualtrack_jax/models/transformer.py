@@ -42,6 +42,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from ultrasound_common import activations
 from ultrasound_common import attention
 
 LAYER_NORM_EPS = 1e-12  # HF BertConfig / ViTConfig default (Flax's default is 1e-6).
@@ -201,7 +202,7 @@ class BertIntermediate(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = torch_linear(self.features, x.shape[-1], name='dense', dtype=self.dtype,
                      param_dtype=self.param_dtype)(x)
-    return nn.gelu(x, approximate=False)
+    return activations.gelu(x)
 
 
 class BertLayer(nn.Module):
@@ -331,7 +332,7 @@ class ViTLayer(nn.Module):
                          attention_implementation=self.attention_implementation, **kw)(h)
     h = nn.LayerNorm(LAYER_NORM_EPS, name='layernorm_after', **kw)(x)
     h = nn.Dense(self.intermediate_size, kernel_init=_VIT_INIT, name='intermediate', **kw)(h)
-    h = nn.gelu(h, approximate=False)
+    h = activations.gelu(h)
     return x + nn.Dense(x.shape[-1], kernel_init=_VIT_INIT, name='output', **kw)(h)
 
 

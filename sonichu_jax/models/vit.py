@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ultrasound_common import activations
 from ultrasound_common import attention
 
 # I-JEPA / timm initialisation: Linear and Conv weights ~ N(0, 0.02) (torch's trunc_normal_(std=.02)
@@ -108,8 +109,7 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = nn.Dense(self.hidden_dim, kernel_init=_WEIGHT_INIT, name='fc1', **kw)(x)
-    # flax's gelu defaults to the tanh approximation (off by up to 4e-4); torch's nn.GELU is exact.
-    h = nn.gelu(h, approximate=False)
+    h = activations.gelu(h)  # torch's nn.GELU: exact, not flax's default tanh approximation.
     return nn.Dense(x.shape[-1], kernel_init=self.out_init, name='fc2', **kw)(h)
 
 
