@@ -2,7 +2,7 @@
 # DualTrack's local stage 1 and the four baselines on simulated sweeps, each `:sim` config as it
 # is, evaluated side by side on the held-out sweeps: the runs behind README's baselines table.
 #
-#   bash scripts/dualtrack_sim_baselines.sh [ROOT]     (default ROOT: workdirs/dualtrack_sim_baselines)
+#   bash scripts/dualtrack_sim_baselines.sh [ROOT]   (default: workdirs/dualtrack_sim_baselines)
 #
 # Runs whose folder holds `done` are skipped, so an interrupted study resumes. About 15 minutes on
 # a quiet 2-core CPU. The comparison (ROOT/comparison/comparison.md) has a column per run; the
@@ -13,7 +13,7 @@ ROOT=${1:-workdirs/dualtrack_sim_baselines}
 PY=${PYTHON:-python}
 mkdir -p "$ROOT"
 RUNS=(local_stage1:sim baseline_two_frame:sim baseline_monet:sim baseline_dclnet:sim
-      baseline_hybrid:sim baseline_two_frame:challenge_sim)
+      baseline_hybrid:sim)
 WORKDIRS=()
 NAMES=()
 for run in "${RUNS[@]}"; do

@@ -5,14 +5,16 @@
 #   bash scripts/sonichu_sim_study.sh [ROOT]     (default ROOT: workdirs/sonichu_sim_study)
 #
 # Steps whose output exists are skipped, so an interrupted study resumes where it stopped. About
-# 80 minutes on a quiet 2-core CPU. What it runs:
+# 90 minutes on a 2-core CPU. What it runs:
 #   1. I-JEPA pretraining (pretrain_ijepa.py:sim), seeds 0 and 1.
 #   2. Keypoint training from random weights (keypoints.py:sim) and from each pretrained encoder
-#      (keypoints_from_ijepa.py:sim), two seeds each; seed 42's pretrained model is the teachers' T0.
+#      (keypoints_from_ijepa.py:sim), two seeds each; seed 42's pretrained model is T0.
 #   3. The five teachers of docs/teachers.md (pseudo-labels on an unlabelled synthetic pool).
 #   4. The student distilled from the five (distill.py:sim), and the evaluations.
 #   5. The frozen-feature probe (python -m sonichu_jax.probe) of each pretrained target encoder and
 #      of random encoders of the same seeds.
+#   6. What else was tried for pretraining: 4x the steps on 8x the images, and the fine-tune with
+#      ViTPose's layer-wise learning-rate decay (0.75).
 set -euo pipefail
 
 ROOT=${1:-workdirs/sonichu_sim_study}
@@ -87,6 +89,19 @@ for seed in 0 1; do
       --encoder="$ROOT/ijepa_s$seed" --out="$ROOT/probe_ijepa_s$seed.json"
   [[ -f $ROOT/probe_random_s$seed.json ]] || $PY -m sonichu_jax.probe --config="$KEYPOINTS" \
       --random_seed=$seed --out="$ROOT/probe_random_s$seed.json"
+done
+
+# 6. A longer pretraining (1280 steps on 2048 images) and fine-tunes with layer decay.
+train configs/sonichu/pretrain_ijepa.py:sim "$ROOT/ijepa_long_s0" --config.seed=0 \
+    --config.data.synthetic.num_train=2048 --config.num_epochs=10
+[[ -f $ROOT/probe_ijepa_long_s0.json ]] || $PY -m sonichu_jax.probe --config="$KEYPOINTS" \
+    --encoder="$ROOT/ijepa_long_s0" --out="$ROOT/probe_ijepa_long_s0.json"
+for seed in 0 1; do
+  train configs/sonichu/keypoints_from_ijepa.py:sim "$ROOT/pretrained_long_s$seed" \
+      --config.seed=$((42 + seed)) --config.init_from.ijepa.workdir="$ROOT/ijepa_long_s0"
+  train configs/sonichu/keypoints_from_ijepa.py:sim "$ROOT/pretrained_decay_s$seed" \
+      --config.seed=$((42 + seed)) --config.init_from.ijepa.workdir="$ROOT/ijepa_s$seed" \
+      --config.optim.layer_decay=0.75
 done
 
 echo "done: $ROOT/ensemble/ensemble.md, $ROOT/comparison/comparison.md, $ROOT/probe_*.json"
