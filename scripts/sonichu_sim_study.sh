@@ -92,15 +92,20 @@ for seed in 0 1; do
 done
 
 # 6. A longer pretraining (1280 steps on 2048 images) and fine-tunes with layer decay.
-train configs/sonichu/pretrain_ijepa.py:sim "$ROOT/ijepa_long_s0" --config.seed=0 \
-    --config.data.synthetic.num_train=2048 --config.num_epochs=10
-[[ -f $ROOT/probe_ijepa_long_s0.json ]] || $PY -m sonichu_jax.probe --config="$KEYPOINTS" \
-    --encoder="$ROOT/ijepa_long_s0" --out="$ROOT/probe_ijepa_long_s0.json"
+for seed in 0 1; do
+  train configs/sonichu/pretrain_ijepa.py:sim "$ROOT/ijepa_long_s$seed" --config.seed=$seed \
+      --config.data.synthetic.num_train=2048 --config.num_epochs=10
+  [[ -f $ROOT/probe_ijepa_long_s$seed.json ]] || $PY -m sonichu_jax.probe --config="$KEYPOINTS" \
+      --encoder="$ROOT/ijepa_long_s$seed" --out="$ROOT/probe_ijepa_long_s$seed.json"
+done
 for seed in 0 1; do
   train configs/sonichu/keypoints_from_ijepa.py:sim "$ROOT/pretrained_long_s$seed" \
       --config.seed=$((42 + seed)) --config.init_from.ijepa.workdir="$ROOT/ijepa_long_s0"
   train configs/sonichu/keypoints_from_ijepa.py:sim "$ROOT/pretrained_decay_s$seed" \
       --config.seed=$((42 + seed)) --config.init_from.ijepa.workdir="$ROOT/ijepa_s$seed" \
+      --config.optim.layer_decay=0.75
+  # The control: layer decay from random weights.
+  train configs/sonichu/keypoints.py:sim "$ROOT/random_decay_s$seed" --config.seed=$((42 + seed)) \
       --config.optim.layer_decay=0.75
 done
 
