@@ -46,7 +46,7 @@ def run(tmp_path_factory):
   sweep = simulator.simulate_sweep(sim, seed=3)
   landmarks = np.array([[1, 3, 4], [5, 40, 30], [11, 49, 40]])
   path = str(base / 'sweep one.h5')
-  sweeps.write_sweep(path, **sweep, landmarks=landmarks)
+  sweeps.write_sweep(path, **{**sweep, 'landmarks': landmarks})  # Landmarks of its own.
   assert not os.path.exists(base / 'no_cache')
   return workdir, path
 
