@@ -59,8 +59,7 @@ def features(model, variables, records, batch_size: int) -> tuple[np.ndarray, np
   return np.concatenate(out)[order], index[order]
 
 
-def ridge_loo(x: np.ndarray, y: np.ndarray, penalties: Sequence[float]
-              ) -> tuple[np.ndarray, np.ndarray]:
+def ridge_loo(x: np.ndarray, y: np.ndarray, penalties: Sequence[float]) -> np.ndarray:
   """Leave-one-out residuals of ridge regression with an unpenalised intercept, per penalty.
 
   Args:
@@ -69,8 +68,7 @@ def ridge_loo(x: np.ndarray, y: np.ndarray, penalties: Sequence[float]
 
   Returns:
     (len(penalties), n, m) residuals y_i - f_{-i}(x_i), exact (the hat-matrix identity
-    e_i / (1 - H_ii), where H includes the intercept's 11^T / n), and the (n, n) centred Gram
-    matrix's eigenvalues.
+    e_i / (1 - H_ii), where H includes the intercept's 11^T / n).
   """
   n = x.shape[0]
   xc = x - x.mean(axis=0)
@@ -83,7 +81,7 @@ def ridge_loo(x: np.ndarray, y: np.ndarray, penalties: Sequence[float]
     fitted = y.mean(axis=0) + u @ (shrink[:, None] * (u.T @ yc))
     leverage = 1.0 / n + np.einsum('ij,j,ij->i', u, shrink, u)
     out.append((y - fitted) / (1.0 - leverage)[:, None])
-  return np.stack(out), s
+  return np.stack(out)
 
 
 def ridge_predict(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, penalty: float) -> np.ndarray:
@@ -110,13 +108,13 @@ def probe_task(x_train: np.ndarray, y_train: np.ndarray, visible_train: np.ndarr
   """
   x_train, x_val = _standardise(x_train, x_val)
   num_keypoints = y_train.shape[1]
-  scale = np.trace((x_train - x_train.mean(0)) @ (x_train - x_train.mean(0)).T) / len(x_train)
+  scale = np.sum(np.square(x_train - x_train.mean(axis=0))) / len(x_train)  # Mean Gram eigenvalue.
   penalties = [r * max(scale, 1e-12) for r in RELATIVE_PENALTIES]
   loo = np.zeros(len(penalties))
   for k in range(num_keypoints):
     rows = visible_train[:, k]
     if rows.sum() >= 3:
-      loo += np.sum(ridge_loo(x_train[rows], y_train[rows, k], penalties)[0] ** 2, axis=(1, 2))
+      loo += np.sum(ridge_loo(x_train[rows], y_train[rows, k], penalties) ** 2, axis=(1, 2))
   best = int(np.argmin(loo))
   pred = np.zeros((len(x_val), num_keypoints, 2))
   for k in range(num_keypoints):

@@ -23,7 +23,7 @@ def test_leave_one_out_equals_refitting():
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(9, 20)), rng.normal(size=(9, 2))
   penalties = (0.1, 3.0)
-  loo, _ = probe.ridge_loo(x, y, penalties)
+  loo = probe.ridge_loo(x, y, penalties)
   for p, lam in enumerate(penalties):
     for i in range(len(x)):
       keep = np.arange(len(x)) != i
