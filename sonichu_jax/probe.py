@@ -44,10 +44,11 @@ from ultrasound_common import errors
 RELATIVE_PENALTIES = tuple(10.0 ** k for k in range(-4, 4))
 
 
-def features(model, variables, records, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """(n, h * w * C) frozen patch features of `records` and their record indices, in record order."""
-  encode = jax.jit(lambda params, images: model.apply(
-      {'params': params}, images.astype(model.dtype), method=lambda m, x: m.backbone(x)))
+def features(encode, variables, records, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(n, h * w * C) frozen patch features of `records` and their record indices, in record order.
+
+  `encode(params, images)` is the jitted backbone (`run_probe` builds it once for both splits).
+  """
   out, index = [], []
   for batch in pipeline.eval_batches(records, batch_size=batch_size):
     real = batch['weight'] > 0
@@ -136,8 +137,10 @@ def run_probe(config: ml_collections.ConfigDict, variables, *, batch_size: int =
   model = keypoints.build_model(config)
   train_records = datasets.load_split(config.data, 'train')
   val_records = datasets.load_split(config.data, 'val')
-  x_train, i_train = features(model, variables, train_records, batch_size)
-  x_val, i_val = features(model, variables, val_records, batch_size)
+  encode = jax.jit(lambda params, images: model.apply(
+      {'params': params}, images.astype(model.dtype), method=lambda m, x: m.backbone(x)))
+  x_train, i_train = features(encode, variables, train_records, batch_size)
+  x_val, i_val = features(encode, variables, val_records, batch_size)
   train = [train_records[i] for i in i_train]
   val = [val_records[i] for i in i_val]
   pred, floor, target, visible, penalties = {}, {}, {}, {}, {}
