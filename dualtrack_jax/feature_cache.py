@@ -36,6 +36,7 @@ from dualtrack_jax.models import dualtrack
 from dualtrack_jax.models import resnet3d
 from dualtrack_jax.models import transformer
 from ultrasound_common import errors
+from ultrasound_common import files
 
 FEATURES = 'features'
 _VERSION = 1  # Bump when the feature computation changes.
@@ -160,7 +161,7 @@ class FeatureCache:
     if features.shape[0] != num_frames:
       raise errors.InputError(f'{path}: computed {features.shape[0]} feature frames for a sweep of '
                               f'{num_frames}')
-    with sweeps.atomic_output(path) as tmp, h5py.File(tmp, 'w') as f:
+    with files.atomic_output(path) as tmp, h5py.File(tmp, 'w') as f:
       f.create_dataset(FEATURES, data=features)
     return True
 

@@ -59,6 +59,7 @@ from dualtrack_jax import predict
 from dualtrack_jax.data import sweeps
 from dualtrack_jax.data import tusrec
 from ultrasound_common import errors
+from ultrasound_common import files
 
 # The order of predict_ddfs' return value, which test.py unpacks as pred_GP, pred_GL, ...
 DDF_KEYS = ('GP', 'GL', 'LP', 'LL')
@@ -211,7 +212,7 @@ def write_ddfs(path: str, global_transforms: np.ndarray, local_transforms: np.nd
   """
   m, (h, w) = len(global_transforms), image_shape
   compute = write = 0.0
-  with sweeps.atomic_output(path) as tmp, h5py.File(tmp, 'w', track_order=True) as f:
+  with files.atomic_output(path) as tmp, h5py.File(tmp, 'w', track_order=True) as f:
     for key, value in attrs.items():
       f.attrs[key] = value
     for key, transforms in zip(DDF_KEYS, (global_transforms, global_transforms,
@@ -330,7 +331,7 @@ def write_submission(run: Any, scans: Sequence[Scan], out: str,
                         if k in r)
       print(f'[{i + 1}/{len(scans)}] {scan.key}: {r["time_elapsed"]:.2f} s (write '
             f'{r["time_write"]:.2f} s){errors_}\nWrote {path}', flush=True)
-  with sweeps.atomic_output(os.path.join(out, METRICS_H5)) as tmp, h5py.File(tmp, 'w') as f:
+  with files.atomic_output(os.path.join(out, METRICS_H5)) as tmp, h5py.File(tmp, 'w') as f:
     f.create_dataset('scans', data=[s.key for s in scans], dtype=h5py.string_dtype())
     for key in next(iter(results.values())):
       f.create_dataset(key, data=np.array([r[key] for r in results.values()]))

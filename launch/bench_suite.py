@@ -63,6 +63,7 @@ from launch import bench_train
 from launch import config_utils
 from launch import models
 from ultrasound_common import errors
+from ultrasound_common import files
 
 SCALES = ('full', 'tiny')
 TINY_TIMEOUT_S = 300
@@ -273,8 +274,8 @@ def run_suite(suite: str, out: str, *, scale: str = 'full', steps: int = 10,
     report['cases'].append(entry)
   shutil.rmtree(work)
   report['wall_s'] = time.perf_counter() - start
-  _write_atomically(os.path.join(out, 'suite.json'), json.dumps(report, indent=1) + '\n')
-  _write_atomically(os.path.join(out, 'suite.md'), format_report(report))
+  files.write_json(os.path.join(out, 'suite.json'), report, indent=1)
+  files.write_text(os.path.join(out, 'suite.md'), format_report(report))
   print(format_report(report))
   return report
 
@@ -317,7 +318,7 @@ def run_child(suite: str, case_name: str, group: str, *, scale: str, steps: int,
     raise errors.InputError(f"--side={group!r}: 'jax', 'torch' or 'torch.compile'")
   records = run_group(case, group, steps=steps, originals=parse_originals(originals),
                       out_dir=out)
-  _write_atomically(os.path.join(out, group + '.json'), json.dumps(records))
+  files.write_json(os.path.join(out, group + '.json'), records)
 
 
 def parse_originals(originals: Sequence[str]) -> dict[str, str]:
@@ -331,12 +332,6 @@ def parse_originals(originals: Sequence[str]) -> dict[str, str]:
       raise errors.MissingFileError(f'--originals={item}: {path} is not a folder')
     out[name] = os.path.abspath(path)
   return out
-
-
-def _write_atomically(path: str, text: str) -> None:
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
 
 
 def _fmt(value, fmt: str, scale: float = 1.0) -> str:

@@ -26,7 +26,6 @@ member and one per ensemble rule (e.g. 'median of 3'), written as `ensemble.json
   or a plain string; the key must exist in the saved config.
 """
 import ast
-import json
 import os
 from typing import Any
 
@@ -45,6 +44,7 @@ from launch import sharding
 from launch import xla_flags
 from ultrasound_common import checkpoints as checkpoint_reading
 from ultrasound_common import errors
+from ultrasound_common import files
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
@@ -86,8 +86,7 @@ def _evaluate(workdir: str | None, checkpoint: str, overrides) -> tuple[Any, dic
 
 def _write(out: str, summary: dict[str, Any], figures, name: str) -> None:
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, name), 'w') as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
+  files.write_json(os.path.join(out, name), summary, indent=2, sort_keys=True)
   for figure_name, figure in figures.items():
     plots.save_png(figure, os.path.join(out, f'{plots.safe_filename(figure_name)}.png'))
 
@@ -157,8 +156,7 @@ def compare_runs(workdirs: list[str], checkpoint: str = 'best', out: str | None 
         {name: result for name, (result, _) in zip(names, raw)})
   table = comparison_table({name: s['metrics'] for name, s in summaries.items()})
   _write(out, {'runs': summaries}, figures, 'comparison.json')
-  with open(os.path.join(out, 'comparison.md'), 'w') as f:
-    f.write(table + '\n')
+  files.write_text(os.path.join(out, 'comparison.md'), table + '\n')
   print(f'{table}\nWrote {os.path.join(out, "comparison.json")}, comparison.md and '
         f'{len(figures)} figure(s).')
   return {'runs': summaries}
@@ -202,8 +200,7 @@ def evaluate_ensemble(workdirs: list[str], checkpoint: str = 'best', out: str | 
                             'ensemble')
   table = comparison_table({**columns, **combined})
   _write(out, summary, {}, 'ensemble.json')
-  with open(os.path.join(out, 'ensemble.md'), 'w') as f:
-    f.write(table + '\n')
+  files.write_text(os.path.join(out, 'ensemble.md'), table + '\n')
   print(f'{table}\nWrote {os.path.join(out, "ensemble.json")} and ensemble.md.')
   return summary
 

@@ -32,7 +32,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from typing import Any
 import zipfile
 
@@ -41,6 +40,7 @@ import ml_dtypes
 import numpy as np
 
 from ultrasound_common import errors
+from ultrasound_common import files
 
 # The prefix `torch.compile` puts on every key; the original's `load_model_weights` strips it.
 COMPILE_PREFIX = '_orig_mod.'
@@ -386,15 +386,8 @@ def save_state_dict(path: str, state_dict: Mapping[str, Any]) -> None:
     return tensor(value) if hasattr(value, '__array__') else value  # NumPy or JAX arrays.
 
   out = convert(state_dict)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-  os.close(fd)
-  try:
+  with files.atomic_output(path) as tmp:
     torch.save(out, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,7 +441,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
-  """Writes NumPy arrays as a .safetensors file (header in the given key order).
+  """Writes NumPy arrays as a .safetensors file (header in the given key order), atomically.
 
   As the `safetensors` package does, the data are laid out by decreasing element size, so that
   every tensor starts at a multiple of its element size.
@@ -470,7 +463,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
     header[key] = {'dtype': name, 'shape': list(value.shape), 'data_offsets': offsets[key]}
   raw = json.dumps(header, separators=(',', ':')).encode()
   raw += b' ' * (-len(raw) % 8)  # The format pads the header with spaces to 8-byte alignment.
-  with open(path, 'wb') as f:
+  with files.atomic_output(path) as tmp, open(tmp, 'wb') as f:
     f.write(len(raw).to_bytes(8, 'little'))
     f.write(raw)
     for key in offsets:

@@ -21,9 +21,7 @@ it is visible. The JSON written to `--out` holds the metrics, the penalty chosen
 mean-keypoints predictor's metrics (the probe's floor: an infinite penalty).
 """
 from collections.abc import Sequence
-import json
 import os
-import tempfile
 from typing import Any
 
 from absl import app
@@ -40,6 +38,7 @@ from sonichu_jax.data import pipeline
 from sonichu_jax.experiments import ijepa as ijepa_experiment
 from sonichu_jax.experiments import keypoints
 from ultrasound_common import errors
+from ultrasound_common import files
 
 RELATIVE_PENALTIES = tuple(10.0 ** k for k in range(-4, 4))
 
@@ -180,15 +179,6 @@ def probe_variables(config: ml_collections.ConfigDict, *, encoder: str | None = 
   return {'params': {'backbone': weights}}
 
 
-def _write_json(path: str, content: dict[str, Any]) -> None:
-  """Writes `content` to `path` through a temporary file: never a partial file at `path`."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  with tempfile.NamedTemporaryFile('w', dir=folder, suffix='.tmp', delete=False) as f:
-    json.dump(content, f, indent=2, sort_keys=True)
-  os.replace(f.name, path)
-
-
 def define_flags() -> None:
   config_flags.DEFINE_config_file('config', None, 'A keypoint config file[:arg] (the model and '
                                   'the data probed).', lock_config=False)
@@ -213,7 +203,8 @@ def main(argv: list[str]) -> None:
   result = run_probe(f.config, variables, batch_size=f.batch_size)
   result['encoder'] = (dict(run=os.path.abspath(f.encoder), checkpoint=f.checkpoint) if f.encoder
                        else dict(random_seed=f.random_seed))
-  _write_json(f.out, result)
+  os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
+  files.write_json(f.out, result, indent=2, sort_keys=True)
   m = result['metrics']
   print(f"probe: mre/weighted {m['mre/weighted']:.2f} px, mre/unweighted "
         f"{m['mre/unweighted']:.2f} px (mean keypoints: "

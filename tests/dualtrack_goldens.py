@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ultrasound_common import files
+
 FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'dualtrack')
 
 KeysAndShapes = Sequence[tuple[str, Sequence[int]]]
@@ -129,6 +131,5 @@ def save_golden(path: str, meta: dict, inputs: dict[str, np.ndarray],
   arrays = {'meta': np.array(json.dumps(meta))}
   arrays.update({'input_' + k: v for k, v in inputs.items()})
   arrays.update({'output_' + k: np.asarray(v, np.float32) for k, v in outputs.items()})
-  tmp = path + '.tmp.npz'
-  np.savez_compressed(tmp, **arrays)
-  os.replace(tmp, path)
+  with files.atomic_output(path) as tmp, open(tmp, 'wb') as f:
+    np.savez_compressed(f, **arrays)

@@ -6,7 +6,6 @@ import struct
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 

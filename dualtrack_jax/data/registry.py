@@ -18,8 +18,8 @@ import dataclasses
 import json
 import os
 
-from dualtrack_jax.data import sweeps
 from ultrasound_common import errors
+from ultrasound_common import files
 
 SWEEP_ID = 'sweep_id'
 PATH = 'processed_sweep_path'
@@ -143,7 +143,7 @@ def write_sweep_csv(csv_path: str | os.PathLike, records: Sequence[SweepRecord])
             f'{csv_path}: record {i} ({r.sweep_id}): extra column name {key!r} is reserved')
       if key not in extra_columns:
         extra_columns.append(key)
-  with sweeps.atomic_output(csv_path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
+  with files.atomic_output(csv_path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
     writer = csv.writer(f)
     writer.writerow(['', *REQUIRED_COLUMNS, *extra_columns])
     for i, r in enumerate(records):
@@ -213,9 +213,7 @@ def register_dataset(name: str, csv_path: str | os.PathLike,
   entries = _read_registry(path, how)
   entries[name] = {**entries.get(name, {}), 'csv': os.path.abspath(os.fspath(csv_path))}
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with sweeps.atomic_output(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(entries, f, indent=2, sort_keys=True)
-    f.write('\n')
+  files.write_json(path, entries, indent=2, sort_keys=True)
   return path
 
 

@@ -1,4 +1,4 @@
-"""The DualTrack h5 sweep format: atomic writer, cheap validator, lazy picklable reader.
+"""The DualTrack h5 sweep format: writer, cheap validator, lazy picklable reader.
 
 One HDF5 file per sweep, the original's `SweepData` layout (see docs/dualtrack.md, section
 "Sweep files and coordinate frames"):
@@ -15,15 +15,14 @@ One HDF5 file per sweep, the original's `SweepData` layout (see docs/dualtrack.m
 Validation is cheap on purpose: it looks at the shape and dtype of the image datasets (never their
 pixels) and reads only the small arrays (tracking, spacing, pixel_to_image, dimensions, landmarks).
 """
-from collections.abc import Iterator, Mapping
-import contextlib
+from collections.abc import Mapping
 import os
-import uuid
 
 import h5py
 import numpy as np
 
 from ultrasound_common import errors
+from ultrasound_common import files
 
 IMAGES = 'images'
 TRACKING = 'tracking'
@@ -52,25 +51,6 @@ class SweepFileError(errors.InputError):
     self.key = key
     where = f"{path}: key '{key}'" if key else str(path)
     super().__init__(f'{where}: {problem}')
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[str]:
-  """Yields a temporary path next to `path` and moves it onto `path` if the block succeeds.
-
-  The temporary file is in the same folder (so os.replace is an atomic rename) and is fsync'ed
-  before the rename, so a crash never leaves a file at `path` that looks complete but is not.
-  """
-  path = os.fspath(path)
-  tmp = f'{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
-  try:
-    yield tmp
-    with open(tmp, 'rb+') as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _first(mask: np.ndarray) -> int:
@@ -245,7 +225,7 @@ def write_sweep(path: str | os.PathLike, *, images: np.ndarray, tracking: np.nda
   if landmarks is not None:
     fields[LANDMARKS] = np.asarray(landmarks)
   _validate_fields(path, fields)
-  with atomic_output(path) as tmp, h5py.File(tmp, 'w') as f:
+  with files.atomic_output(path) as tmp, h5py.File(tmp, 'w') as f:
     for key, value in fields.items():
       chunks = (1,) + value.shape[1:] if key in (IMAGES, IMAGES_224) else None
       f.create_dataset(key, data=value, chunks=chunks)

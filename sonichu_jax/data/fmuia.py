@@ -39,6 +39,7 @@ from PIL import Image
 from sonichu_jax import preprocess
 from sonichu_jax import tasks
 from ultrasound_common import errors
+from ultrasound_common import files
 
 CSV_DIR = 'csv_files'
 REGRESSION = 'Regression'
@@ -210,7 +211,7 @@ def write_csv(csv_path: str | os.PathLike, rows: Sequence[tuple[str, str, np.nda
   """
   max_k = max((tasks.get_task(task).num_keypoints for _, task, _ in rows), default=0)
   header = [IMAGE_PATH, TASK_ID, TASK_NAME, NUM_CLASSES] + [point_column(i) for i in range(max_k)]
-  with open(csv_path, 'w', newline='', encoding='utf-8') as f:
+  with files.atomic_output(csv_path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
     writer = csv.writer(f)
     writer.writerow(header)
     for ref, task, keypoints in rows:
