@@ -30,9 +30,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from launch import config_utils
+from ultrasound_common import checkpoints
 from ultrasound_common import errors
 
-STATE, DATA, CONFIG = 'state', 'data', 'config'
+STATE, CONFIG = checkpoints.STATE, checkpoints.CONFIG
+DATA = 'data'
 LATEST_DIR, BEST_DIR = 'checkpoints', 'best'
 
 
@@ -66,15 +68,6 @@ def _manager(directory: str, *, max_to_keep: int | None, create: bool, best_metr
   return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
 
 
-class CheckpointError(errors.InputError):
-  """A checkpoint cannot be read (damaged, truncated) or does not fit the run's model."""
-
-
-# What reading a damaged checkpoint raises: Orbax and TensorStore report missing or cut files as
-# ValueError (JSONDecodeError included) or OSError.
-_DAMAGE = (ValueError, OSError)
-
-
 def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
   """{'/'-joined path: (shape, dtype name)} of a tree of arrays or array metadata."""
   return {path: (tuple(leaf.shape), np.dtype(leaf.dtype).name)
@@ -97,7 +90,7 @@ def check_same_model(saved, wanted, where: str, config_changes: list[str]) -> No
   shown = ', '.join(f'{k} {saved.get(k, ("absent",))[0]} -> {wanted.get(k, ("absent",))[0]}'
                     for k in differ[:5])
   keys = '; '.join(config_changes[:5]) or 'none'
-  raise CheckpointError(
+  raise checkpoints.CheckpointError(
       f'{where}: the checkpoint holds another model ({len(differ)} variables differ: {shown}); '
       f'config keys that changed since it was saved: {keys}. Resume with the saved config, or '
       'start a new run in another --workdir')
@@ -147,7 +140,7 @@ class RunCheckpoints:
       try:
         saved_config = self.config(step)
         metadata = self.latest.item_metadata(step)[STATE]
-      except _DAMAGE as e:
+      except checkpoints.DAMAGE as e:
         self._move_aside(step, e)
         continue
       changes = config_utils.diff(saved_config, config)
@@ -159,7 +152,7 @@ class RunCheckpoints:
         return step, self.restore(step, abstract_state, data_iterator)
       except errors.Error:
         raise
-      except _DAMAGE as e:
+      except checkpoints.DAMAGE as e:
         self._move_aside(step, e)
     return None, None
 
@@ -319,22 +312,9 @@ def restore_variables(directory: str, step: int, sharding: jax.sharding.Sharding
   """
   manager = _manager(directory, max_to_keep=None, create=False)
   try:
-    metadata = manager.item_metadata(step)[STATE]
-    target = {'variables': jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-        metadata['variables'])}
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True),
-        CONFIG: ocp.args.JsonRestore()}))
-  except _DAMAGE as e:
-    raise CheckpointError(f'{os.path.join(directory, str(step))}: cannot read the checkpoint '
-                          f'(damaged or truncated?): {type(e).__name__}: '
-                          f'{str(e).splitlines()[0] if str(e) else ""}') from e
+    return checkpoints.restore(manager, step, sharding)
   finally:
     manager.close()
-  return restored[STATE]['variables'], restored[CONFIG]
 
 
 # Initialisation from other runs (`config.init_from`) ---------------------------------------------

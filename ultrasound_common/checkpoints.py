@@ -13,6 +13,16 @@ import orbax.checkpoint as ocp
 
 from ultrasound_common import errors
 
+STATE, CONFIG = 'state', 'config'
+
+# What reading a damaged checkpoint raises: Orbax and TensorStore report missing or cut files as
+# ValueError (JSONDecodeError included) or OSError.
+DAMAGE = (ValueError, OSError)
+
+
+class CheckpointError(errors.InputError):
+  """A checkpoint cannot be read (damaged, truncated) or does not fit the run's model."""
+
 
 def _latest_step(directory: str) -> int | None:
   steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
@@ -40,31 +50,57 @@ def find_step(path: str, checkpoint: str = 'best') -> tuple[str, int]:
   raise errors.MissingFileError(f'{path}: no checkpoint (looked in {" and ".join(order)}/)')
 
 
-def _manager(directory: str, handlers: dict[str, Any]) -> ocp.CheckpointManager:
+def restore(manager: ocp.CheckpointManager, step: int, sharding: jax.sharding.Sharding
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(variables, config dict) of a checkpoint step, without the optimiser state.
+
+  Args:
+    manager: a manager of a `checkpoints/` or `best/` directory, with handlers for the items
+      'state' (a PyTree handler, for the partial restore) and 'config'.
+    step: the step to read.
+    sharding: where to put every variable; the saved device layout does not matter.
+
+  Raises:
+    CheckpointError: the step cannot be read (damaged or truncated files); names its folder.
+  """
+  try:
+    target = {'variables': jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+        manager.item_metadata(step)[STATE]['variables'])}
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True),
+        CONFIG: ocp.args.JsonRestore()}))
+  except DAMAGE as e:
+    raise CheckpointError(f'{os.path.join(manager.directory, str(step))}: cannot read the '
+                          f'checkpoint (damaged or truncated?): {type(e).__name__}: '
+                          f'{str(e).splitlines()[0] if str(e) else ""}') from e
+  return restored[STATE]['variables'], restored[CONFIG]
+
+
+def _manager(directory: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers=handlers)
+      item_handlers={STATE: ocp.PyTreeCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()})
 
 
 def read_variables(path: str, checkpoint: str = 'best') -> dict[str, Any]:
   """Variables of a run's checkpoint (`find_step`), on the first device."""
   directory, step = find_step(path, checkpoint)
-  manager = _manager(directory, {'state': ocp.PyTreeCheckpointHandler()})
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = {'variables': jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      manager.item_metadata(step)['state']['variables'])}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)))
-  manager.close()
-  return restored['state']['variables']
+  manager = _manager(directory)
+  try:
+    return restore(manager, step, jax.sharding.SingleDeviceSharding(jax.devices()[0]))[0]
+  finally:
+    manager.close()
 
 
 def read_config(path: str, checkpoint: str = 'best') -> dict[str, Any]:
   """The config (JSON dict) saved with a run's checkpoint (`find_step`)."""
   directory, step = find_step(path, checkpoint)
-  manager = _manager(directory, {'config': ocp.JsonCheckpointHandler()})
-  config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-  manager.close()
-  return config
+  manager = _manager(directory)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
+    return restored[CONFIG]
+  finally:
+    manager.close()
