@@ -1,8 +1,10 @@
-"""Test set-up: 8 simulated CPU devices, parsed absl flags for Grain workers."""
+"""Test set-up: 8 simulated CPU devices at -O0 (cpu_env.py), parsed absl flags for Grain."""
 import os
 
 # Must happen before jax is imported anywhere.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+import cpu_env  # noqa: E402  # tests/ is on sys.path, as for the other helper modules.
+
+os.environ.setdefault('XLA_FLAGS', cpu_env.xla_flags(8))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 from absl import flags  # noqa: E402

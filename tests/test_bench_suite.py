@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from launch import bench_suite
+import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, 'tests')
@@ -20,7 +21,7 @@ TESTS = os.path.join(ROOT, 'tests')
 def _suite(out: str, *flags: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join([TESTS, ROOT, os.environ.get('PYTHONPATH', '')]))
-  env.pop('XLA_FLAGS', None)  # One CPU device, as on a one-GPU machine.
+  env['XLA_FLAGS'] = cpu_env.xla_flags(1)  # One CPU device, as on a one-GPU machine.
   return subprocess.run([sys.executable, '-m', 'launch.benchmark', f'--out={out}', *flags],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 

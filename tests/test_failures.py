@@ -23,6 +23,7 @@ from launch import metric_writer
 from launch import trainer
 from sonichu_jax import preprocess
 from ultrasound_common import errors
+import cpu_env
 import toy_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +32,7 @@ TOY = os.path.join(TESTS, 'toy_experiment.py')
 
 
 def _run(module: str, *args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=cpu_env.xla_flags(1),
              PYTHONPATH=os.pathsep.join([TESTS, ROOT]))
   return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)

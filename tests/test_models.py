@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from launch import models
+import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, 'tests')
@@ -25,7 +26,7 @@ def _env() -> dict[str, str]:
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join([TESTS, ROOT, env.get('PYTHONPATH', '')])
   env['JAX_PLATFORMS'] = 'cpu'
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  env['XLA_FLAGS'] = cpu_env.xla_flags(1)
   return env
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 import pytest
 
 from sonichu_jax.data import synthetic
+import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'configs', 'sonichu', 'keypoints.py')
@@ -30,7 +31,7 @@ def _env() -> dict[str, str]:
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join([ROOT, env.get('PYTHONPATH', '')])
   env['JAX_PLATFORMS'] = 'cpu'
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  env['XLA_FLAGS'] = cpu_env.xla_flags(1)
   return env
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from launch import checkpointing
 from launch import sharding
+import cpu_env
 import toy_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ def _env(devices: int = 8) -> dict[str, str]:
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join([TESTS, ROOT, env.get('PYTHONPATH', '')])
   env['JAX_PLATFORMS'] = 'cpu'
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = cpu_env.xla_flags(devices)
   return env
 
 
