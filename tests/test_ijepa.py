@@ -469,6 +469,7 @@ def test_full_config_builds_sonichu_vit_b16():
   config = _load('pretrain_ijepa.py', None)
   experiment = ijepa_experiment.Experiment(config, load_data=False)
   kc, kt = ijepa_masks.token_counts(experiment.masks)
+  assert (kc, kt) == (128, 54)  # The context capped at half the 16x16 grid.
   batch = {'image': jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32),
            'context_index': jax.ShapeDtypeStruct((2, kc), jnp.int32),
            'context_valid': jax.ShapeDtypeStruct((2, kc), bool),
