@@ -19,5 +19,7 @@ demo: venv
 	$(PY) -m launch.train --config=configs/dualtrack/local_stage1.py:sim --workdir=$(WORKDIR)
 	$(PY) -m launch.evaluate --workdir=$(WORKDIR)
 
+# Two test processes, whole files each (module fixtures are built once): XLA compiles on one
+# core, so the second core otherwise idles.
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
