@@ -98,8 +98,13 @@ def _original_model(path: str, config_file: str, state_dict: Mapping[str, np.nda
         f'--original={path}: {config_file} not found (not a DualTrack checkout)')
   if path not in sys.path:
     sys.path.insert(0, path)
-  import torch  # Only with --original.
-  from src.models import model_registry  # The original's package, from `path`.
+  try:
+    import torch  # Only with --original.
+    from src.models import model_registry  # The original's package, from `path`.
+  except ImportError as e:
+    raise errors.MissingPackageError(
+        f'--original={path}: the original model needs the package {e.name!r}, which is not '
+        'installed (its environment: docs/dualtrack.md, "Reference environment")') from e
 
   module = model_registry.get_model(config_path=config)
   module.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)

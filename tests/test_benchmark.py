@@ -11,6 +11,7 @@ import pytest
 
 from dualtrack_jax import benchmarks
 from launch import bench_inference
+from ultrasound_common import errors
 
 REDUCED = dict(max_positions=8, grid_spacing=2, hidden=16, fusion_layers=1, fusion_heads=2,
                local_cnn_widths=(4, 4, 8, 8), local_cnn_stem_width=4,
@@ -116,3 +117,17 @@ def test_bad_options_are_refused():
     _cases(bench_inference.Options(dtypes=('float16',)))
   with pytest.raises(ValueError, match='original cannot follow'):
     _cases(bench_inference.Options(original='/nonexistent'))
+
+
+def test_an_original_without_its_packages_names_the_missing_one(tmp_path, monkeypatch):
+  monkeypatch.setattr('sys.path', list(__import__('sys').path))  # _original_model prepends it.
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'model.yaml').write_text('model: x\n')
+  (tmp_path / 'src' / 'models').mkdir(parents=True)
+  (tmp_path / 'src' / '__init__.py').write_text('import no_such_package_of_the_original\n')
+  (tmp_path / 'src' / 'models' / '__init__.py').write_text('')
+  # Without torch installed (CI), torch is the missing package; with it, the original's own.
+  with pytest.raises(errors.MissingPackageError, match=(
+      r"--original=.*: the original model needs the package "
+      r"'(torch|no_such_package_of_the_original)', which is not installed")):
+    benchmarks._original_model(str(tmp_path), 'configs/model.yaml', {})
