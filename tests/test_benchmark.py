@@ -6,6 +6,8 @@ path, without the original (CI has no torch). The reports' fields are checked fo
 consistency, and the measuring helpers against independent numbers. launch/benchmark.py itself is
 not imported: its absl flags would clash with those of other entry points in one test session.
 """
+import sys
+
 import numpy as np
 import pytest
 
@@ -120,7 +122,7 @@ def test_bad_options_are_refused():
 
 
 def test_an_original_without_its_packages_names_the_missing_one(tmp_path, monkeypatch):
-  monkeypatch.setattr('sys.path', list(__import__('sys').path))  # _original_model prepends it.
+  monkeypatch.setattr(sys, 'path', list(sys.path))  # _original_model prepends the folder.
   (tmp_path / 'configs').mkdir()
   (tmp_path / 'configs' / 'model.yaml').write_text('model: x\n')
   (tmp_path / 'src' / 'models').mkdir(parents=True)
